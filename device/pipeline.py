@@ -1,0 +1,403 @@
+"""The processing loop: camera → faces → classifier → tracker → events → sinks, one direction.
+
+One thread does all the work, in order, so events come out in a deterministic order and the
+systemd watchdog is pinged from the loop itself (a hung camera read stops the pings). Other
+threads only *ask*: commands from sinks, stop and reload requests are queued and applied by
+the loop between frames. Frames and crops never leave this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from device.classifier import Classifier, to_gray
+from device.config import Config
+from device.events import EventFactory, normalised_box, rounded_probabilities
+from device.labels import LABELS
+from device.notify import Notifier
+from device.sinks.base import Sink
+from device.tracker import Detection, Tracker, TrackEvent
+
+log = logging.getLogger(__name__)
+
+THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
+LATENCY_WINDOW = 300  # frames: ~30 s at the default 10 fps
+FPS_WINDOW = 50
+STATUS_INTERVAL_S = 5.0
+MAX_FPS = 120.0  # camera.fps's upper bound in the configuration
+
+
+def cpu_temperature_c(path: Path = THERMAL_ZONE) -> float | None:
+    """The SoC temperature where the kernel exposes it (a Pi does; containers often do not)."""
+    try:
+        return round(int(path.read_text().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+def percentiles_ms(samples: deque[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50": None, "p95": None}
+    p50, p95 = np.percentile(np.fromiter(samples, float), [50, 95])
+    return {"p50": round(float(p50) * 1000, 2), "p95": round(float(p95) * 1000, 2)}
+
+
+def validate_command(command: Any) -> dict[str, Any]:
+    """A command dict from a sink, checked; ValueError with a message for a bad one."""
+    if not isinstance(command, dict):
+        raise ValueError(f"a command is an object, got {type(command).__name__}")
+    name = command.get("command")
+    if name in ("pause", "resume"):
+        return {"command": name}
+    if name == "fps":
+        value = command.get("value")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError('"fps" needs a number in "value"')
+        if not 0 < value <= MAX_FPS:
+            raise ValueError(f'"fps" value must be > 0 and <= {MAX_FPS:g}, got {value}')
+        return {"command": "fps", "value": float(value)}
+    raise ValueError(f"unknown command {name!r} (known: pause, resume, fps)")
+
+
+@dataclass
+class StageTimes:
+    detect: deque[float]
+    classify: deque[float]
+    track: deque[float]
+
+    @classmethod
+    def empty(cls) -> StageTimes:
+        return cls(*(deque(maxlen=LATENCY_WINDOW) for _ in range(3)))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: Config,
+        source: Any,  # a FrameSource (device.cameras): open(), read() -> Frame | None, close()
+        detector: Any,  # a FaceDetector (device.faces): detect(gray) -> list[Face]
+        classifier: Classifier,
+        sinks: list[Sink],
+        notifier: Notifier | None = None,
+        events: EventFactory | None = None,
+        max_frames: int | None = None,
+        reload: Callable[[], Config] | None = None,
+        detector_factory: Callable[[Any], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.detector = detector
+        self.classifier = classifier
+        self.sinks = sinks
+        self.notifier = notifier or Notifier(env={})
+        self.events = events or EventFactory(cfg.device_id)
+        self.tracker = Tracker(cfg.tracker)
+        self.max_frames = max_frames
+        self._reload_config = reload
+        self._detector_factory = detector_factory
+        self._clock = clock
+
+        self.frames = 0
+        self.skipped_frames = 0  # frames thinned out by an `fps` command below the source's rate
+        self.times = StageTimes.empty()
+        self._frame_clock: deque[float] = deque(maxlen=FPS_WINDOW)
+        self._started = clock()
+        self._last_stats = self._started
+        self._last_status = -math.inf
+        self._last_state_key: Any = None
+        self._last_index: int | None = None
+        self._source_drops = 0  # gaps in Frame.index: frames a live source dropped
+        self._fps_limit: float | None = None
+        self._next_frame_t = -math.inf
+        self.paused = False
+
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._commands: queue.Queue[dict[str, Any]] = queue.Queue()
+        for sink in sinks:
+            sink.on_command(self.handle_command)
+
+    # --- requests from other threads and signal handlers -------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    def handle_command(self, command: dict[str, Any]) -> None:
+        """Called by sinks from their own threads; validated here, applied by the loop."""
+        self._commands.put(validate_command(command))
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Process until stopped, the source ends or max_frames; returns why it stopped."""
+        reason = "stopped"
+        self.source.open()
+        self.notifier.ready(self._status_text())
+        log.info("running: run_id %s", self.events.run_id)
+        try:
+            while not self._stop.is_set():
+                self._between_frames()
+                if self.paused:
+                    self._stop.wait(0.05)
+                    continue
+                frame = self.source.read()
+                if frame is None:
+                    reason = "end of source"
+                    break
+                if self._stop.is_set():
+                    break
+                self.process(frame)
+                if self.max_frames is not None and self.frames >= self.max_frames:
+                    reason = "max frames"
+                    break
+        finally:
+            self.notifier.stopping()
+            log.info("stopping (%s) after %d frames", reason, self.frames)
+            self._shutdown()
+        return reason
+
+    def process(self, frame: Any) -> None:
+        """One frame through every stage; emits the events it causes."""
+        if self._fps_limit is not None:
+            if frame.t < self._next_frame_t:
+                self.skipped_frames += 1
+                return
+            self._next_frame_t = max(self._next_frame_t + 1.0 / self._fps_limit, frame.t)
+        if self._last_index is not None and frame.index > self._last_index + 1:
+            self._source_drops += frame.index - self._last_index - 1
+        self._last_index = frame.index
+
+        t0 = time.perf_counter()
+        gray = to_gray(frame.image)
+        faces = self.detector.detect(gray)
+        t1 = time.perf_counter()
+        boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
+        probs = self.classifier.classify(gray, boxes, self.cfg.detector.margin) if boxes else np.zeros((0, 7))
+        t2 = time.perf_counter()
+        track_events = self.tracker.update([Detection(b, p) for b, p in zip(boxes, probs, strict=True)], frame.t)
+        t3 = time.perf_counter()
+
+        self.times.detect.append(t1 - t0)
+        self.times.classify.append(t2 - t1)
+        self.times.track.append(t3 - t2)
+        self.frames += 1
+        self._frame_clock.append(self._clock())
+        height, width = gray.shape[:2]
+        self._frame_size = (width, height)
+        self._emit(track_events)
+        self._maybe_state()
+        if self.cfg.debug.save_crops and boxes:
+            self._save_crops(gray, boxes, frame.index)
+
+    # --- between frames: commands, reload, watchdog, stats ---------------------------------------
+
+    def _between_frames(self) -> None:
+        self.notifier.watchdog()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            self._apply_command(command)
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self._reload()
+        now = self._clock()
+        if now - self._last_status >= STATUS_INTERVAL_S:
+            self._last_status = now
+            self.notifier.status(self._status_text())
+        if now - self._last_stats >= self.cfg.mqtt.stats_interval_s:
+            self._last_stats = now
+            self._send_stats()
+
+    def _apply_command(self, command: dict[str, Any]) -> None:
+        name = command["command"]
+        log.info("command: %s", command)
+        if name == "pause" and not self.paused:
+            # Nothing is observed while paused, so open tracks end now rather than after a gap.
+            self.paused = True
+            self._emit(self.tracker.close())
+            self._maybe_state()
+        elif name == "resume" and self.paused:
+            self.paused = False
+            self._maybe_state()
+        elif name == "fps":
+            self._set_fps(command["value"])
+
+    def _set_fps(self, fps: float) -> None:
+        set_fps = getattr(self.source, "set_fps", None)
+        if callable(set_fps):
+            set_fps(fps)
+        # Thin frames by frame time too: a source that cannot change its rate still gets limited.
+        self._fps_limit = fps
+        self._next_frame_t = -math.inf
+
+    def _reload(self) -> None:
+        if self._reload_config is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except Exception as e:  # a bad file must never take the daemon down: keep running as is
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.notifier.ready(self._status_text())
+            return
+        old = self.cfg
+        logging.getLogger().setLevel(new.log_level)
+        self.tracker.cfg = new.tracker
+        if new.detector != old.detector and self._detector_factory is not None:
+            try:
+                self.detector = self._detector_factory(new.detector)
+            except Exception as e:
+                log.error("reload: detector not rebuilt, keeping the old one: %s", e)
+                new.detector = old.detector
+        if new.camera.fps != old.camera.fps:
+            self._set_fps(new.camera.fps)
+        for key in ("device_id", "model", "mqtt", "state_dir"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed; takes effect after a restart", key)
+        for key in ("source", "width", "height", "loop"):
+            if getattr(new.camera, key) != getattr(old.camera, key):
+                log.warning("reload: camera.%s changed; takes effect after a restart", key)
+        self.cfg = new
+        log.info("configuration reloaded")
+        self.notifier.ready(self._status_text())
+
+    # --- output ---------------------------------------------------------------------------------
+
+    def _emit(self, track_events: list[TrackEvent]) -> None:
+        for te in track_events:
+            event = self.events.make(
+                te.kind,
+                te.track_id,
+                te.emotion,
+                te.probabilities,
+                te.box,
+                self._frame_size_or_default(),
+                te.duration_s,
+                te.summary,
+            )
+            for sink in self.sinks:
+                try:
+                    sink.emit(event)
+                except Exception:  # one broken sink must not starve the others or stop the loop
+                    log.exception("sink %s failed to emit", type(sink).__name__)
+
+    def _frame_size_or_default(self) -> tuple[int, int]:
+        return getattr(self, "_frame_size", (self.cfg.camera.width, self.cfg.camera.height))
+
+    def state(self) -> dict[str, Any]:
+        tracks = self.tracker.confirmed()
+        size = self._frame_size_or_default()
+
+        summary = [
+            {
+                "track_id": t.id,
+                "emotion": t.label,
+                "confidence": round(float(t.probabilities[t.emotion]), 4),
+                "box": normalised_box(t.box, *size),
+            }
+            for t in tracks
+        ]
+        dominant = None
+        probabilities = None
+        if tracks:
+            weight = np.zeros(len(LABELS))
+            for t in tracks:
+                weight[t.emotion] += t.probabilities[t.emotion]
+            dominant = LABELS[int(np.argmax(weight))]
+            probabilities = rounded_probabilities(np.mean([t.probabilities for t in tracks], axis=0))
+        return {
+            "faces": len(tracks),
+            "dominant": dominant,
+            "probabilities": probabilities,
+            "tracks": summary,
+            "paused": self.paused,
+        }
+
+    def _maybe_state(self) -> None:
+        # "On change" means who is there and what they feel, not every probability wiggle.
+        key = (self.paused, tuple((t.id, t.emotion) for t in self.tracker.confirmed()))
+        if key == self._last_state_key:
+            return
+        self._last_state_key = key
+        state = self.state()
+        for sink in self.sinks:
+            try:
+                sink.state(state)
+            except Exception:
+                log.exception("sink %s failed to take the state", type(sink).__name__)
+
+    def fps(self) -> float:
+        if len(self._frame_clock) < 2:
+            return 0.0
+        span = self._frame_clock[-1] - self._frame_clock[0]
+        return (len(self._frame_clock) - 1) / span if span > 0 else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "fps": round(self.fps(), 2),
+            "latency_ms": {name: percentiles_ms(getattr(self.times, name)) for name in ("detect", "classify", "track")},
+            "frames": self.frames,
+            "dropped_frames": self._source_drops + int(getattr(self.source, "dropped_frames", 0) or 0),
+            "camera_errors": int(getattr(self.source, "camera_errors", 0) or 0),
+            "uptime_s": round(self._clock() - self._started, 1),
+            "cpu_temp_c": cpu_temperature_c(),
+        }
+        for sink in self.sinks:
+            try:
+                stats.update(sink.counters())
+            except Exception:
+                log.exception("sink %s failed to count", type(sink).__name__)
+        return stats
+
+    def _send_stats(self) -> None:
+        stats = self.stats()
+        for sink in self.sinks:
+            try:
+                sink.stats(stats)
+            except Exception:
+                log.exception("sink %s failed to take stats", type(sink).__name__)
+
+    def _status_text(self) -> str:
+        return "paused" if self.paused else f"{self.fps():.1f} fps, {len(self.tracker.confirmed())} faces"
+
+    def _save_crops(self, gray: np.ndarray, boxes: list[tuple[float, float, float, float]], index: int) -> None:
+        """Debug only (debug.save_crops): crops as PNG, each written whole or not at all."""
+        folder = Path(self.cfg.debug.dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, crop in enumerate(self.classifier.crops(gray, boxes, self.cfg.detector.margin)):
+            ok, png = cv2.imencode(".png", crop)
+            if not ok:
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=".crop.", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                f.write(png.tobytes())
+            os.replace(tmp, folder / f"{self.events.run_id[:8]}-{index:08d}-{i}.png")
+
+    def _shutdown(self) -> None:
+        self._emit(self.tracker.close())
+        self._maybe_state()
+        self._send_stats()
+        try:
+            self.source.close()
+        except Exception:
+            log.exception("closing the camera failed")

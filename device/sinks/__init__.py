@@ -1,0 +1,24 @@
+"""Sinks: where events go. `build_sinks` picks them from the configuration."""
+
+from __future__ import annotations
+
+from device.config import Config
+from device.sinks.base import Sink
+from device.sinks.stdout import StdoutSink
+
+
+def build_sinks(cfg: Config, print_events: bool = False) -> list[Sink]:
+    """MQTT when `mqtt.host` is set (plus stdout with --print-events); stdout alone otherwise.
+
+    The MQTT sink is imported only when configured, so a box without a broker never loads paho.
+    """
+    sinks: list[Sink] = []
+    if cfg.mqtt.host:
+        from device.sinks.mqtt import MqttSink
+
+        sinks.append(MqttSink(cfg))
+        if print_events:
+            sinks.append(StdoutSink())
+    else:
+        sinks.append(StdoutSink())
+    return sinks

@@ -1,0 +1,382 @@
+"""MQTT sink: events through a durable spool, at least once and in order; state, stats, commands.
+
+Delivery design (see docs/mqtt.md):
+- `emit` commits the event to the SQLite spool and wakes the publisher thread; it never waits
+  for the network.
+- The publisher thread hands paho at most `WINDOW` events at a time and deletes a spool row only
+  after its PUBACK. The spool, not paho, is the source of truth: on every disconnect and connect
+  paho's own queue of unacknowledged messages is dropped and publication restarts from the oldest
+  unacknowledged row, with a clean session so the broker never redelivers anything on its side.
+  The only possible duplicates are events whose PUBACK was lost on the wire (at most `WINDOW`);
+  consumers dedupe on the event `id`.
+
+Locks (acquired only in this order, so paho's callbacks cannot deadlock with the publisher):
+`_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
+`on_publish` holding its message lock, so that callback only touches `_cond`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device.config import Config, ConfigError
+from device.sinks.base import CommandHandler, Sink
+from device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
+from device.spool import Spool, SpoolError
+
+log = logging.getLogger("serenbox.mqtt")
+
+# Events handed to paho but not yet acknowledged. Bounds what a lost PUBACK can duplicate and
+# keeps the pipe full enough to drain a long outage quickly.
+WINDOW = 20
+CLOSE_TIMEOUT_S = 2.0
+# CONNACK reasons meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 0x84).
+_UNSUPPORTED_PROTOCOL = (1, 0x84)
+_PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+def spool_path(cfg: Config) -> Path:
+    return Path(cfg.mqtt.spool.path) if cfg.mqtt.spool.path else Path(cfg.state_dir) / "spool.sqlite"
+
+
+class MqttSink(Sink):
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._m = cfg.mqtt
+        if not self._m.host:
+            raise ConfigError("mqtt.host: required for the MQTT sink")
+        self._check_tls_files()
+        self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
+        self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
+        self._protocol = _PROTOCOLS.get(self._m.protocol, MQTTProtocolVersion.MQTTv5)
+        self._spool = Spool(spool_path(cfg), self._m.spool.max_events, self._m.spool.max_age_s)
+
+        self._pub = threading.RLock()
+        # Guarded by _pub: connection view of the publisher.
+        self._connected = False
+        self._cursor = 0  # rowid of the last event handed to paho on this connection
+        self._inflight: dict[int, int] = {}  # paho mid -> spool rowid
+        self._acked_rows: list[int] = []
+        self._published = 0
+        self._write_errors = 0
+        self._state_sent: str | None = None
+        self._state_sent_at = -1e9
+
+        self._cond = threading.Condition()
+        # Guarded by _cond: written from other threads.
+        self._acked_mids: list[int] = []
+        self._kick = True
+        self._stopping = False
+        self._fallback = False
+        self._state_latest: str | None = None
+        self._handler: CommandHandler | None = None
+        self._refusal_logged: str | None = None
+
+        self._client = self._make_client()
+        self._thread = threading.Thread(target=self._run, name="serenbox-mqtt", daemon=True)
+
+    # ----- Sink interface -------------------------------------------------------------------
+
+    def start(self) -> None:
+        # connect_async + loop_start: the pipeline runs (and spools) while the broker is away.
+        self._connect(self._client)
+        self._thread.start()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        try:
+            self._spool.append(json.dumps(event, separators=(",", ":")))
+        except SpoolError as e:
+            # A full disk must not stop the camera loop; the loss is visible in stats.
+            self._write_errors += 1
+            log.error("event %s not spooled: %s", event.get("id"), e)
+            return
+        self._wake()
+
+    def state(self, state: dict[str, Any]) -> None:
+        with self._cond:
+            self._state_latest = json.dumps(state, separators=(",", ":"), sort_keys=True)
+            self._kick = True
+            self._cond.notify()
+
+    def stats(self, stats: dict[str, Any]) -> None:
+        # QoS 0, not spooled: the next report supersedes a lost one.
+        payload = json.dumps({**stats, **self.counters()}, separators=(",", ":"))
+        self._client.publish(self.topics.stats, payload, qos=0)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "spool_depth": len(self._spool),
+            "spool_dropped": self._spool.dropped + self._write_errors,
+            "mqtt_published": self._published,
+            "mqtt_connected": self._connected,
+        }
+
+    def on_command(self, handler: CommandHandler) -> None:
+        with self._cond:
+            self._handler = handler
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        client = self._client
+        # Let in-flight events be acknowledged so they are not sent again next start.
+        while self._connected and time.monotonic() < deadline:
+            self._collect_acks()
+            with self._pub:
+                if not self._inflight:
+                    break
+            time.sleep(0.02)
+        if self._connected:
+            info = client.publish(self.topics.availability, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass  # the connection went away meanwhile; the Last Will says offline instead
+        client.disconnect()
+        client.loop_stop()
+        self._collect_acks()
+        self._spool.close()
+
+    # ----- paho client and callbacks (network thread) ---------------------------------------
+
+    def _check_tls_files(self) -> None:
+        tls = self._m.tls
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(tls, key)
+            if tls.enabled and value and not Path(value).is_file():
+                raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=self._protocol,
+            # A clean session: the spool is what remembers unsent events, never the broker.
+            clean_session=None if v5 else True,
+        )
+        client.enable_logger(logging.getLogger("serenbox.mqtt.paho"))
+        client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
+        client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
+        client.will_set(self.topics.availability, "offline", qos=1, retain=True)
+        if self._m.username:
+            client.username_pw_set(self._m.username, self._m.password)
+        tls = self._m.tls
+        if tls.enabled:
+            client.tls_set(
+                ca_certs=tls.ca_file,
+                certfile=tls.cert_file,
+                keyfile=tls.key_file,
+                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+            )
+            if tls.insecure:
+                log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
+                client.tls_insecure_set(True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
+        client.connect_async(self._m.host, self._m.port, keepalive=self._m.keepalive, **kwargs)
+        client.loop_start()
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        if reason.is_failure:
+            self._on_refused(reason)
+            return
+        with self._pub:
+            self._reset_connection(connected=True)
+            self._refusal_logged = None
+            client.publish(self.topics.availability, "online", qos=1, retain=True)
+            client.subscribe(self.topics.set, qos=1)
+            self._state_sent = None  # a new connection gets the latest state right away
+        log.info(
+            "connected to MQTT broker %s:%d (MQTT %s); %d spooled event(s) to send",
+            self._m.host,
+            self._m.port,
+            "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
+            len(self._spool),
+        )
+        self._wake()
+
+    def _on_refused(self, reason: ReasonCode) -> None:
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        if self._m.protocol == "auto" and v5 and reason.value in _UNSUPPORTED_PROTOCOL:
+            log.warning("MQTT broker %s:%d does not accept MQTT 5; falling back to 3.1.1", self._m.host, self._m.port)
+            with self._cond:
+                self._fallback = True
+                self._kick = True
+                self._cond.notify()
+            return
+        text = str(reason)
+        if text != self._refusal_logged:  # once per cause, not once per retry
+            self._refusal_logged = text
+            hint = ""
+            if reason.value in (4, 5, 0x86, 0x87):
+                hint = "; check mqtt.username and mqtt.password (or SERENBOX_MQTT_PASSWORD)"
+            log.error(
+                "MQTT broker %s:%d refused the connection: %s%s; events are spooled, retrying",
+                self._m.host,
+                self._m.port,
+                text.lower(),
+                hint,
+            )
+
+    def _on_connect_fail(self, _client: mqtt.Client, _u: Any) -> None:
+        if self._refusal_logged != "unreachable":
+            self._refusal_logged = "unreachable"
+            log.warning(
+                "could not connect to MQTT broker %s:%d (unreachable, or the TLS handshake failed); "
+                "events are spooled, retrying",
+                self._m.host,
+                self._m.port,
+            )
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: mqtt.DisconnectFlags, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        with self._pub:
+            was_connected = self._connected
+            self._reset_connection(connected=False)
+        if was_connected and not self._stopping:
+            log.warning("MQTT connection lost (%s); spooling and reconnecting", str(reason).lower())
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Properties | None) -> None:
+        # Runs under paho's message lock: only record, the publisher thread does the work.
+        if reason.is_failure:
+            # The broker will never take this one (e.g. not authorised); retrying would block the queue.
+            log.error("MQTT broker rejected message %d: %s", mid, reason)
+        with self._cond:
+            self._acked_mids.append(mid)
+            self._kick = True
+            self._cond.notify()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            command = parse_command(msg.payload)
+            with self._cond:
+                handler = self._handler
+            if handler is None:
+                raise CommandError("this daemon accepts no commands")
+            handler(command)
+            log.info("command %s applied", command)
+        except (CommandError, ValueError) as e:
+            self._report_command_error(str(e), msg.payload)
+        except Exception as e:  # a bug in a handler must not kill the network thread
+            log.exception("command handler failed")
+            self._report_command_error(f"internal error: {e}", msg.payload)
+
+    def _report_command_error(self, reason: str, raw: bytes) -> None:
+        log.warning("rejected command on %s: %s", self.topics.set, reason)
+        self._client.publish(self.topics.error, error_payload(reason, raw), qos=1)
+
+    # ----- publisher thread -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._kick = True
+            self._cond.notify()
+
+    def _reset_connection(self, connected: bool) -> None:
+        """Forget everything paho holds; the spool is replayed from its oldest row. Needs `_pub`."""
+        self._collect_acks()  # acks that arrived before the cut still count
+        self._client.drop_out_messages()
+        self._inflight.clear()
+        self._cursor = 0
+        self._connected = connected
+
+    def _collect_acks(self) -> None:
+        with self._pub:
+            with self._cond:
+                mids, self._acked_mids = self._acked_mids, []
+            for mid in mids:
+                rowid = self._inflight.pop(mid, None)
+                if rowid is not None:
+                    self._acked_rows.append(rowid)
+                    self._published += 1
+            if self._acked_rows:
+                self._spool.delete(self._acked_rows)
+                self._acked_rows = []
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._kick and not self._stopping:
+                    self._cond.wait(timeout=self._state_due_in())
+                self._kick = False
+                stopping, fallback = self._stopping, self._fallback
+                self._fallback = False
+            try:
+                if fallback:
+                    self._fall_back_to_311()
+                self._pump()
+                self._publish_state()
+            except Exception:  # keep spooling whatever happens; the next wake-up retries
+                log.exception("MQTT publisher error")
+                time.sleep(0.5)
+            if stopping:
+                return
+
+    def _pump(self) -> None:
+        with self._pub:
+            self._collect_acks()
+            while self._connected:
+                room = WINDOW - len(self._inflight)
+                if room <= 0:
+                    return
+                rows = self._spool.after(self._cursor, room)
+                for rowid, payload in rows:
+                    info = self._client.publish(self.topics.events, payload, qos=1)
+                    self._inflight[info.mid] = rowid
+                    self._cursor = rowid
+                if len(rows) < room:
+                    return
+
+    def _state_due_in(self) -> float | None:
+        """Seconds until a pending state may go out under the rate limit (None: nothing pending)."""
+        if not self._connected or self._state_latest is None or self._state_latest == self._state_sent:
+            return None  # on_connect wakes the thread when there is a connection again
+        return max(0.0, self._state_sent_at + self._m.state_interval_s - time.monotonic())
+
+    def _publish_state(self) -> None:
+        with self._pub:
+            with self._cond:
+                latest = self._state_latest
+            if not self._connected or latest is None or latest == self._state_sent:
+                return
+            if time.monotonic() - self._state_sent_at < self._m.state_interval_s and self._state_sent is not None:
+                return  # rate-limited; _state_due_in wakes the thread when it may go
+            self._client.publish(self.topics.state, latest, qos=1, retain=True)
+            self._state_sent, self._state_sent_at = latest, time.monotonic()
+
+    def _fall_back_to_311(self) -> None:
+        old = self._client
+        old.loop_stop()
+        old.disconnect()
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        with self._pub:
+            self._client = self._make_client()
+            self._reset_connection(connected=False)
+        self._connect(self._client)

@@ -1,0 +1,94 @@
+"""The durable spool: order, bounds, survival across processes (a SIGKILLed writer)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device.spool import Spool, SpoolError
+
+
+def test_fifo_order_and_delete(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.sqlite", max_events=100, max_age_s=3600)
+    ids = [s.append(f"e{i}") for i in range(5)]
+    assert ids == sorted(ids) and len(s) == 5
+    assert [p for _, p in s.after(0, 3)] == ["e0", "e1", "e2"]
+    assert [p for _, p in s.after(ids[2], 10)] == ["e3", "e4"]
+    s.delete(ids[:2])
+    assert len(s) == 3 and [p for _, p in s.after(0, 10)] == ["e2", "e3", "e4"]
+    s.delete(ids[:2])  # deleting twice (a late duplicate ack) changes nothing
+    assert len(s) == 3
+    s.close()
+
+
+def test_rowids_never_repeat_after_emptying(tmp_path: Path) -> None:
+    # A reused rowid would sort before an event already sent and could be skipped.
+    path = tmp_path / "s.sqlite"
+    s = Spool(path, 100, 3600)
+    last = s.append("a")
+    s.delete([last])
+    s.close()
+    s = Spool(path, 100, 3600)
+    assert s.append("b") > last
+    s.close()
+
+
+def test_count_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.sqlite", max_events=3, max_age_s=3600)
+    for i in range(5):
+        s.append(f"e{i}")
+    assert [p for _, p in s.after(0, 10)] == ["e2", "e3", "e4"]
+    assert s.dropped == 2 and len(s) == 3
+    s.close()
+
+
+def test_age_bound_drops_old_events(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.sqlite", max_events=100, max_age_s=60)
+    t0 = 1_000_000.0
+    s.append("old1", now=t0)
+    s.append("old2", now=t0 + 1)
+    s.append("new", now=t0 + 100)  # old1/old2 are now older than 60 s
+    assert [p for _, p in s.after(0, 10)] == ["new"]
+    assert s.dropped == 2
+    s.close()
+
+
+def test_committed_rows_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    code = (
+        "import os, signal, sys\n"
+        "from device.spool import Spool\n"
+        f"s = Spool({str(path)!r}, 1000, 3600)\n"
+        "for i in range(50): s.append(f'e{i}')\n"
+        "print('written', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL and "written" in p.stdout
+    s = Spool(path, 1000, 3600)
+    assert [p for _, p in s.after(0, 100)] == [f"e{i}" for i in range(50)]
+    s.close()
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpoolError, match="cannot open the event spool"):
+        Spool(blocker / "sub" / "s.sqlite", 10, 60)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_directory_is_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(SpoolError):
+        Spool(d / "s.sqlite", 10, 60)

@@ -1,0 +1,143 @@
+"""Training: the --quick pipeline on generated data, its report, resume, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.labels import LABELS
+from training.train import class_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "training" / "train.py")]
+pytestmark = pytest.mark.slow
+
+
+def _write_npz(path: Path, per_class: int = 6) -> Path:
+    """Generated FER-shaped data: each class a distinct brightness band, so it is learnable."""
+    rng = np.random.default_rng(0)
+    xs, ys, ss = [], [], []
+    for split in range(3):
+        for c in range(len(LABELS)):
+            base = 20 + 30 * c
+            xs.append(np.clip(rng.normal(base, 6, (per_class, 48, 48)), 0, 255).astype(np.uint8))
+            ys += [c] * per_class
+            ss += [split] * per_class
+    np.savez(path, x=np.concatenate(xs), y=np.array(ys, np.uint8), split=np.array(ss, np.uint8))
+    return path
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(TRAIN + args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return _write_npz(tmp_path_factory.mktemp("fer") / "tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def quick_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "quick"
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(out), "--quick"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_quick_run_writes_model_history_and_report(quick_run: Path):
+    assert (quick_run / "model.keras").is_file()
+    history = json.loads((quick_run / "history.json").read_text())
+    assert len(history["finetune"]) == 1 and "val_accuracy" in history["finetune"][0]
+    report = json.loads((quick_run / "report.json").read_text())
+    assert report["split"] == "PrivateTest"
+    assert report["n"] == 6 * len(LABELS)
+    assert set(report["per_class"]) == set(LABELS)
+    for m in report["per_class"].values():
+        assert {"precision", "recall", "f1", "support"} <= set(m)
+        assert m["support"] == 6
+    cm = np.array(report["confusion_matrix"])
+    assert cm.shape == (7, 7) and cm.sum() == report["n"]
+    assert report["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    png = (quick_run / "confusion_matrix.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(quick_run.glob("*.tmp*"))
+
+
+def test_quick_model_honours_the_contract(quick_run: Path):
+    import keras
+
+    model = keras.models.load_model(quick_run / "model.keras")
+    assert model.input_shape == (None, 32, 32, 1)
+    assert model.output_shape == (None, len(LABELS))
+    probs = model(np.full((2, 32, 32, 1), 200.0, np.float32)).numpy()
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_existing_run_is_not_overwritten_without_resume(data, quick_run: Path):
+    before = (quick_run / "model.keras").stat().st_mtime_ns
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(quick_run), "--quick"])
+    assert r.returncode == 2
+    assert "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert (quick_run / "model.keras").stat().st_mtime_ns == before
+
+
+def test_missing_weights_file_is_a_clear_error(data, tmp_path: Path):
+    r = _run(["--data", str(data), "--weights", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o"), "--quick"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.h5'}: weights file does not exist"
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path: Path):
+    r = _run(["--data", str(tmp_path / "missing"), "--weights", "none", "--out", str(tmp_path / "o"), "--quick"])
+    assert r.returncode == 2
+    assert "data path does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "model.keras").exists()
+
+
+def test_resume_continues_an_interrupted_run(data, tmp_path: Path):
+    out = tmp_path / "resumable"
+    args = ["--data", str(data), "--weights", "none", "--out", str(out), "--quick", "--epochs", "4"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(TRAIN + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    history = out / "history_finetune.csv"
+    deadline = time.monotonic() + 240
+    # Kill it hard once at least one epoch (and its backup) is on disk, as a power cut would.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "best.json").exists() and len(history.read_text().strip().splitlines()) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    done_before = len(history.read_text().strip().splitlines()) - 1
+    assert 1 <= done_before < 4
+
+    r = _run([*args, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    epochs = [int(line.split(",")[0]) for line in history.read_text().strip().splitlines()[1:]]
+    # Every epoch exactly once, in order: the resumed run started where the killed one stopped.
+    assert epochs == list(range(4))
+    assert (out / "report.json").is_file()
+
+
+def test_resume_refuses_a_different_recipe(data, quick_run: Path):
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(quick_run), "--quick", "--resume", "--lr", "0.5"])
+    assert r.returncode == 2 and "different recipe" in r.stderr
+
+
+def test_class_weights_favour_rare_classes_and_average_one():
+    labels = np.array([0] * 90 + [1] * 10)
+    w = class_weights(labels, 0.5)
+    assert w[1] > w[0]
+    assert (90 * w[0] + 10 * w[1]) / 100 == pytest.approx(1.0)
+    assert class_weights(labels, 0.0)[0] == pytest.approx(1.0)

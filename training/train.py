@@ -1,0 +1,301 @@
+"""Train the SerenBox emotion model: ImageNet MobileNetV2 transfer-learned on FER2013.
+
+    python training/train.py --data ../shared/fer2013/fer2013.npz \
+        --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \
+        --out runs/mnv2-96
+
+Schedule: the head alone on a frozen backbone, then the whole network at a lower, cosine-
+decayed learning rate. Model selection and early stopping use PublicTest; the final report
+is on --report-split (PrivateTest). An interrupted run continues with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from device.labels import LABELS  # noqa: E402
+from training.fer2013 import DatasetError, Fer2013, load  # noqa: E402
+from training.report import classification_report, format_report, save_confusion_png, write_json_atomic  # noqa: E402
+
+
+class TrainError(Exception):
+    pass
+
+
+@dataclass
+class Recipe:
+    input_size: int = 96
+    batch_size: int = 64
+    head_epochs: int = 1
+    epochs: int = 12  # fine-tuning epochs after the head
+    head_lr: float = 1e-3
+    lr: float = 3e-4
+    label_smoothing: float = 0.1
+    class_weight_power: float = 0.5  # 0: none, 1: full inverse frequency
+    dropout: float = 0.3
+    patience: int = 4
+    augment: bool = True
+    seed: int = 1234
+    limit_per_class: int = 0  # 0: all images
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
+    d = Recipe()
+    p = argparse.ArgumentParser(description="Train MobileNetV2 on FER2013 (any layout the readers support).")
+    p.add_argument("--data", required=True, help="fer2013.npz, Kaggle CSV, or train/ test/ image folders")
+    p.add_argument("--weights", required=True, help="ImageNet MobileNetV2 no-top h5 file, or 'none' for random init")
+    p.add_argument("--out", required=True, type=Path, help="output folder (model, history, report)")
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs after the head stage")
+    p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak fine-tuning learning rate (cosine decay)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--class-weight-power", type=float, default=d.class_weight_power)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class and split")
+    p.add_argument("--report-split", default="PrivateTest", help="split for the final evaluation report")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: small subset, input 32, one short epoch")
+    a = p.parse_args(argv)
+    r = Recipe(
+        input_size=a.input_size, batch_size=a.batch_size, head_epochs=a.head_epochs, epochs=a.epochs,
+        head_lr=a.head_lr, lr=a.lr, label_smoothing=a.label_smoothing, class_weight_power=a.class_weight_power,
+        dropout=a.dropout, patience=a.patience, augment=not a.no_augment, seed=a.seed,
+        limit_per_class=a.limit_per_class,
+    )
+    if a.quick:
+        # Small defaults; options given explicitly still win.
+        given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
+        for flag, attr, value in (("--input-size", "input_size", 32), ("--batch-size", "batch_size", 16),
+                                  ("--head-epochs", "head_epochs", 0), ("--epochs", "epochs", 1),
+                                  ("--limit-per-class", "limit_per_class", 12)):
+            if flag not in given:
+                setattr(r, attr, value)
+    if r.input_size < 32:
+        p.error("--input-size must be at least 32 (MobileNetV2's smallest input)")
+    return a, r
+
+
+def limit(data: Fer2013, per_class: int, seed: int) -> Fer2013:
+    if per_class <= 0:
+        return data
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in np.unique(data.splits):
+        for c in range(len(LABELS)):
+            idx = np.flatnonzero((data.splits == s) & (data.labels == c))
+            keep.extend(rng.permutation(idx)[:per_class])
+    keep = np.sort(np.array(keep, dtype=np.int64))
+    return Fer2013(data.images[keep], data.labels[keep], data.splits[keep], data.source)
+
+
+def class_weights(labels: np.ndarray, power: float) -> dict[int, float]:
+    counts = np.bincount(labels, minlength=len(LABELS)).astype(float)
+    w = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** power, 0.0)
+    w = w / (w * counts).sum() * counts.sum()  # mean weight per image stays 1
+    return {i: float(w[i]) for i in range(len(LABELS))}
+
+
+def make_datasets(train: Fer2013, val: Fer2013, r: Recipe):
+    import keras
+    import tensorflow as tf
+
+    size = r.input_size
+    augment = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=r.seed),
+            keras.layers.RandomRotation(0.03, fill_mode="reflect", seed=r.seed + 1),  # about ±11°
+            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="reflect", seed=r.seed + 2),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=r.seed + 3),
+            keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=r.seed + 4),
+            keras.layers.RandomContrast(0.25, value_range=(0, 255), seed=r.seed + 5),
+        ],
+        name="augment",
+    )
+
+    def to_input(x):
+        # Augment at 48×48 (cheap), then upscale to the model's input as the device does.
+        return tf.image.resize(x, (size, size), method="bilinear")
+
+    def ds(data: Fer2013, training: bool):
+        x = data.images[..., None].astype(np.float32)
+        y = keras.utils.to_categorical(data.labels, len(LABELS)).astype(np.float32)
+        d = tf.data.Dataset.from_tensor_slices((x, y))
+        if training:
+            d = d.shuffle(len(x), seed=r.seed, reshuffle_each_iteration=True)
+        d = d.batch(r.batch_size)
+        if training and r.augment:
+            d = d.map(lambda a, b: (augment(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+        d = d.map(lambda a, b: (to_input(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+        return d.prefetch(tf.data.AUTOTUNE)
+
+    return ds(train, True), ds(val, False)
+
+
+def predict_probs(model, images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+    import tensorflow as tf
+
+    out = []
+    for i in range(0, len(images), batch):
+        x = tf.image.resize(images[i : i + batch, ..., None].astype(np.float32), (size, size), method="bilinear")
+        out.append(model(x, training=False).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
+
+
+def make_best_keeper(out: Path, patience: int):
+    """Keep the best model by PublicTest accuracy across stages and resumes (Keras' own
+    ModelCheckpoint and EarlyStopping forget their best value when a run is resumed)."""
+    import keras
+
+    class BestKeeper(keras.callbacks.Callback):
+        def __init__(self, stage: str):
+            super().__init__()
+            self.stage = stage
+            self.state_file = out / "best.json"
+
+        def _state(self) -> dict:
+            if self.state_file.exists():
+                return json.loads(self.state_file.read_text())
+            return {"val_accuracy": -1.0}
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            acc = float(logs.get("val_accuracy", -1.0))
+            best = self._state()
+            if acc > best["val_accuracy"]:
+                tmp = out / "model.tmp.keras"
+                self.model.save(tmp)
+                tmp.replace(out / "model.keras")
+                best = {"val_accuracy": acc, "stage": self.stage, "epoch": epoch + 1}
+                write_json_atomic(best, self.state_file)
+                print(f"[{self.stage}] epoch {epoch + 1}: new best PublicTest accuracy {acc:.4f}", flush=True)
+            elif self.stage == best.get("stage") and epoch + 1 - best["epoch"] >= patience:
+                print(f"[{self.stage}] no improvement for {patience} epochs: stopping early", flush=True)
+                self.model.stop_training = True
+
+    return BestKeeper
+
+
+def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, weights: dict, out: Path, patience: int) -> None:
+    import keras
+
+    if epochs <= 0:
+        return
+    BestKeeper = make_best_keeper(out, patience)
+    callbacks = [
+        # Saves weights, optimizer and epoch every epoch; deleted once the stage finishes.
+        keras.callbacks.BackupAndRestore(str(out / "checkpoints" / stage)),
+        keras.callbacks.CSVLogger(str(out / f"history_{stage}.csv"), append=True),
+        BestKeeper(stage),
+    ]
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=2)
+
+
+def train(args: argparse.Namespace, r: Recipe) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from training.model import backbone_of, build_model
+
+    weights = None if args.weights.lower() == "none" else Path(args.weights)
+    if weights is not None and not weights.is_file():
+        raise TrainError(f"{weights}: weights file does not exist")
+    data = limit(load(args.data), r.limit_per_class, r.seed)
+    train_set = data.require("Training")
+    val_set = data.require("PublicTest", all_classes=False)
+    report_set = data.require(args.report_split, all_classes=False)
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "train_config.json"
+    config = {"recipe": asdict(r), "data": str(args.data), "weights": str(args.weights), "counts": data.counts()}
+    if args.resume and config_file.exists():
+        previous = json.loads(config_file.read_text())
+        if previous["recipe"] != config["recipe"]:
+            raise TrainError(f"{config_file}: --resume with a different recipe; use the same options or a new --out")
+    elif (out / "model.keras").exists() and not args.resume:
+        raise TrainError(f"{out}: already holds a trained model; pass --resume to continue or choose a new --out")
+    write_json_atomic(config, config_file)
+
+    keras.utils.set_random_seed(r.seed)
+    # Several GPUs: replicate; otherwise the default strategy (this machine's CPU).
+    gpus = tf.config.list_logical_devices("GPU")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    train_ds, val_ds = make_datasets(train_set, val_set, r)
+    cw = class_weights(train_set.labels, r.class_weight_power)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
+    steps = int(np.ceil(len(train_set) / r.batch_size))
+    print(f"train {len(train_set)}  val {len(val_set)}  input {r.input_size}  class weights "
+          + " ".join(f"{LABELS[i]}={w:.2f}" for i, w in cw.items()), flush=True)
+
+    t0 = time.time()
+    with strategy.scope():
+        model = build_model(r.input_size, weights, dropout=r.dropout)
+        head_done = out / "head.weights.h5"
+        if head_done.exists():
+            model.load_weights(head_done)
+        else:
+            backbone_of(model).trainable = False
+            model.compile(keras.optimizers.Adam(r.head_lr), loss=loss, metrics=["accuracy"])
+            stage_fit(model, "head", train_ds, val_ds, r.head_epochs, cw, out, r.patience)
+            model.save_weights(head_done)
+        backbone_of(model).trainable = True
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(1, steps * r.epochs - steps // 2), warmup_target=r.lr, warmup_steps=steps // 2
+        ) if r.epochs > 0 else r.lr
+        model.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
+        stage_fit(model, "finetune", train_ds, val_ds, r.epochs, cw, out, r.patience)
+    elapsed = time.time() - t0
+
+    history = {}
+    for stage in ("head", "finetune"):
+        f = out / f"history_{stage}.csv"
+        if f.exists():
+            rows = [line.split(",") for line in f.read_text().strip().splitlines()]
+            history[stage] = [dict(zip(rows[0], map(float, row), strict=True)) for row in rows[1:]]
+    write_json_atomic(history, out / "history.json")
+
+    if not (out / "model.keras").exists():
+        raise TrainError("training produced no model (no epoch finished)")
+    best = keras.models.load_model(out / "model.keras")
+    probs = predict_probs(best, report_set.images, r.input_size)
+    report = classification_report(report_set.labels, probs.argmax(1))
+    report.update(split=args.report_split, data=str(args.data), train_seconds=round(elapsed, 1),
+                  selected=json.loads((out / "best.json").read_text()))
+    write_json_atomic(report, out / "report.json")
+    save_confusion_png(report, out / "confusion_matrix.png",
+                       f"{args.report_split}: accuracy {report['accuracy'] * 100:.1f}% (float, input {r.input_size})")
+    print(format_report(report, f"{args.report_split} (best model by PublicTest accuracy)"), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, recipe = parse_args(argv)
+    try:
+        train(args, recipe)
+    except (TrainError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
