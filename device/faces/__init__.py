@@ -1,0 +1,20 @@
+"""Face detectors behind one interface (`FaceDetector`), picked by `detector.kind`.
+
+A new detector (a YuNet or TFLite one, say) is a module with a FaceDetector subclass and a line
+in build_detector; everything downstream only sees Face boxes.
+"""
+
+from __future__ import annotations
+
+from device.config import DetectorConfig
+from device.faces.base import DetectorError, Face, FaceDetector
+
+__all__ = ["DetectorError", "Face", "FaceDetector", "build_detector"]
+
+
+def build_detector(cfg: DetectorConfig) -> FaceDetector:
+    if cfg.kind == "haar":
+        from device.faces.haar import HaarDetector
+
+        return HaarDetector(cfg)
+    raise DetectorError(f"detector.kind: unknown detector {cfg.kind!r} (known: haar)")
