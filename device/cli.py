@@ -84,8 +84,9 @@ def load_config(path: str | None, source: str | None = None) -> Config:
 def build_classifier(cfg: Config) -> Classifier:
     path = resolve_model_path(cfg.model.path)
     if not path.is_file():
-        where = "model.path" if cfg.model.path else "the shipped model"
-        raise ModelError(f"{where}: {path} does not exist (set model.path to a converted .tflite)")
+        if cfg.model.path:
+            raise ModelError(f"model.path: {path} does not exist")
+        raise ModelError(f"model.path: not set, and the shipped model {path} is missing (set model.path to a .tflite)")
     return Classifier(path, cfg.model.num_threads)
 
 
@@ -101,12 +102,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.source)
     setup_logging(cfg.log_level)
-    classifier = build_classifier(cfg)
-    detector = build_detector(cfg.detector)
+    # The source first: a mistyped path is reported before seconds of model loading.
     try:
         source = ReopeningSource(open_source(cfg.camera.source, cfg.camera), cfg.camera)
     except (CameraError, ValueError) as e:
         raise UsageError(f"camera.source: {e}") from None
+    classifier = build_classifier(cfg)
+    detector = build_detector(cfg.detector)
     sinks = build_sinks(cfg, args.print_events)
     notifier = Notifier()
     pipeline = Pipeline(
@@ -125,6 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         sink.start()
     try:
         reason = pipeline.run()
+    except CameraError as e:
+        # The first open failed (a live source is reopened after that), or a file broke mid-run.
+        raise UsageError(f"camera.source: {e}") from None
     finally:
         for sink in sinks:
             try:
@@ -164,15 +169,19 @@ def _stop_deadline_passed() -> None:
 # --- classify --------------------------------------------------------------------------------
 
 
-def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config) -> dict[str, Any]:
-    import cv2
-
+def check_image_path(path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{path}: no such file")
     if not p.is_file():
         raise UsageError(f"{path}: not a file")
-    image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+
+
+def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config) -> dict[str, Any]:
+    import cv2
+
+    check_image_path(path)
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise UsageError(f"{path}: not a readable image")
     gray = to_gray(image)
@@ -199,11 +208,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from device.faces import build_detector
 
     cfg = load_config(args.config)
-    setup_logging(cfg.log_level if args.config else "WARNING")
+    # A one-shot command: its output is the JSON; progress chatter only when asked to debug.
+    setup_logging("DEBUG" if cfg.log_level == "DEBUG" else "WARNING")
+    status = EXIT_OK
+    images = []
+    for path in args.images:
+        try:
+            check_image_path(path)  # before the model loads, so a typo costs no time
+            images.append(path)
+        except UsageError as e:
+            print(f"serenbox classify: {e}", file=sys.stderr)
+            status = EXIT_USAGE
+    if not images:
+        return status
     classifier = build_classifier(cfg)
     detector = build_detector(cfg.detector)
-    status = EXIT_OK
-    for path in args.images:
+    for path in images:
         try:
             line = classify_image(path, classifier, detector, cfg)
         except UsageError as e:

@@ -184,7 +184,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         if check and value is not None:
             lo, hi = check.get("lo"), check.get("hi")
             if lo is not None and (value < lo or (check.get("lo_open") and value == lo)):
-                raise ConfigError(f"{dotted}: {value} is out of range (must be {'>' if check.get('lo_open') else '>='} {lo})")
+                raise ConfigError(
+                    f"{dotted}: {value} is out of range (must be {'>' if check.get('lo_open') else '>='} {lo})"
+                )
             if hi is not None and value > hi:
                 raise ConfigError(f"{dotted}: {value} is out of range (must be <= {hi})")
         kwargs[key] = value

@@ -96,6 +96,13 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def readable_by_all(path: str | Path) -> None:
+    """Give a mkstemp file (mode 0600) the mode a normal write would: the service user must read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_manifest(manifest: Manifest, path: str | Path) -> None:
     """Write atomically (temp file in the same folder, then rename): never a half-written manifest."""
     path = Path(path)
@@ -104,6 +111,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(manifest.to_dict(), f, indent=2)
             f.write("\n")
+        readable_by_all(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

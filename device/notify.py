@@ -35,6 +35,8 @@ class Notifier:
         self._sock: socket.socket | None = None
         if self._address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A full receive queue must cost a notification, never block the processing loop.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:

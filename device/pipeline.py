@@ -39,6 +39,7 @@ LATENCY_WINDOW = 300  # frames: ~30 s at the default 10 fps
 FPS_WINDOW = 50
 STATUS_INTERVAL_S = 5.0
 MAX_FPS = 120.0  # camera.fps's upper bound in the configuration
+FRAME_TIME_SLACK_S = 1e-3
 
 
 def cpu_temperature_c(path: Path = THERMAL_ZONE) -> float | None:
@@ -127,6 +128,8 @@ class Pipeline:
         self.paused = False
 
         self._stop = threading.Event()
+        self._close_lock = threading.Lock()
+        self._source_closed = False
         self._reload_requested = threading.Event()
         self._commands: queue.Queue[dict[str, Any]] = queue.Queue()
         for sink in sinks:
@@ -135,7 +138,13 @@ class Pipeline:
     # --- requests from other threads and signal handlers -------------------------------------
 
     def stop(self) -> None:
+        """Ask the loop to stop (safe from signal handlers and other threads)."""
         self._stop.set()
+        if getattr(self.source, "live", False):
+            # A live camera's read() may wait seconds for a frame (or a reopen backoff); closing it
+            # ends the wait now. Live sources allow close() from another thread; files do not
+            # (OpenCV would release a capture mid-read), but they never block.
+            threading.Thread(target=self._close_source, name="stop camera", daemon=True).start()
 
     def request_reload(self) -> None:
         self._reload_requested.set()
@@ -160,7 +169,7 @@ class Pipeline:
                     continue
                 frame = self.source.read()
                 if frame is None:
-                    reason = "end of source"
+                    reason = "stopped" if self._stop.is_set() else "end of source"
                     break
                 if self._stop.is_set():
                     break
@@ -177,10 +186,14 @@ class Pipeline:
     def process(self, frame: Any) -> None:
         """One frame through every stage; emits the events it causes."""
         if self._fps_limit is not None:
-            if frame.t < self._next_frame_t:
+            interval = 1.0 / self._fps_limit
+            # Media times like 0.1 * 2 are not exact; a frame a hair early is still on time.
+            if frame.t < self._next_frame_t - FRAME_TIME_SLACK_S:
                 self.skipped_frames += 1
                 return
-            self._next_frame_t = max(self._next_frame_t + 1.0 / self._fps_limit, frame.t)
+            # Keep the cadence; after a gap longer than one interval, restart it from this frame.
+            behind = frame.t - self._next_frame_t > interval
+            self._next_frame_t = (frame.t if behind else self._next_frame_t) + interval
         if self._last_index is not None and frame.index > self._last_index + 1:
             self._source_drops += frame.index - self._last_index - 1
         self._last_index = frame.index
@@ -397,6 +410,13 @@ class Pipeline:
         self._emit(self.tracker.close())
         self._maybe_state()
         self._send_stats()
+        self._close_source()
+
+    def _close_source(self) -> None:
+        with self._close_lock:
+            if self._source_closed:
+                return
+            self._source_closed = True
         try:
             self.source.close()
         except Exception:

@@ -53,6 +53,12 @@ def make_tls_files(d: Path) -> dict[str, Path]:
         "-out", f["server_csr"])  # fmt: skip
     ssl("x509", "-req", "-in", f["server_csr"], "-CA", f["ca"], "-CAkey", f["ca_key"], "-CAcreateserial",
         "-days", "2", "-extfile", ext, "-out", f["server"])  # fmt: skip
+    # A client certificate from the same CA, for brokers that require one (mutual TLS).
+    f |= {k: d / f"{k}.pem" for k in ("client_key", "client_csr", "client")}
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=serenbox-client", "-keyout", f["client_key"],
+        "-out", f["client_csr"])  # fmt: skip
+    ssl("x509", "-req", "-in", f["client_csr"], "-CA", f["ca"], "-CAkey", f["ca_key"], "-CAcreateserial",
+        "-days", "2", "-out", f["client"])  # fmt: skip
     return f
 
 
@@ -63,6 +69,7 @@ class Mosquitto:
         *,
         users: dict[str, str] | None = None,
         tls: bool = False,
+        require_client_cert: bool = False,
         persistent: bool = False,
         port: int | None = None,
     ) -> None:
@@ -76,6 +83,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.users = dict(users or {})
         self.persistent = persistent
+        self.require_client_cert = require_client_cert
         self.tls_files = make_tls_files(self.dir / "tls") if tls else None
         self.log_path = self.dir / "mosquitto.log"
         self.conf_path = self.dir / "mosquitto.conf"
@@ -94,6 +102,8 @@ class Mosquitto:
                 f"certfile {self.tls_files['server']}",
                 f"keyfile {self.tls_files['server_key']}",
             ]
+            if self.require_client_cert:
+                lines.append("require_certificate true")
         if self.users:
             pwfile = self.dir / "passwd"
             pwfile.write_text("")
@@ -203,7 +213,9 @@ class Watcher:
         if self.username:
             c.username_pw_set(self.username, self.password)
         if self.broker.tls_files:
-            c.tls_set(ca_certs=str(self.broker.ca_file))
+            f = self.broker.tls_files
+            client_cert = (str(f["client"]), str(f["client_key"])) if self.broker.require_client_cert else (None, None)
+            c.tls_set(ca_certs=str(self.broker.ca_file), certfile=client_cert[0], keyfile=client_cert[1])
         c.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -279,3 +291,83 @@ def retained(broker: Mosquitto, topic: str, timeout: float = 5.0, **auth: Any) -
     if not ok:
         raise TimeoutError(f"no answer from the broker on {marker}")
     return got[-1] if got else None
+
+
+class Mqtt311OnlyGateway:
+    """A loopback TCP relay in front of a real broker that answers an MQTT 5 CONNECT the way a
+    3.1.1-only broker (mosquitto < 1.6, many embedded brokers) does: CONNACK "unacceptable protocol
+    version" and close. Anything else is relayed byte for byte, so the session is the real broker's.
+    """
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.host = HOST
+        self._server = socket.create_server((HOST, 0))
+        self.port = self._server.getsockname()[1]
+        self.refused_v5 = 0
+        self.relayed = 0
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_packet(conn: socket.socket) -> bytes:
+        head = conn.recv(1)
+        length, shift, raw = 0, 0, bytearray(head)
+        while True:  # MQTT's variable-length "remaining length"
+            b = conn.recv(1)
+            if not b:
+                raise OSError("closed")
+            raw += b
+            length |= (b[0] & 0x7F) << shift
+            shift += 7
+            if not b[0] & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            chunk = conn.recv(length - len(body))
+            if not chunk:
+                raise OSError("closed")
+            body += chunk
+        return bytes(raw) + body
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            first = self._read_packet(conn)
+            # CONNECT: fixed header, remaining length, protocol name (2-byte length + "MQTT"), level.
+            i = 1
+            while first[i] & 0x80:
+                i += 1
+            name_len = int.from_bytes(first[i + 1 : i + 3], "big")
+            level = first[i + 3 + name_len]
+            if level == 5:
+                self.refused_v5 += 1
+                conn.sendall(b"\x20\x02\x00\x01")  # 3.1.1 CONNACK: unacceptable protocol version
+                return
+            self.relayed += 1
+            upstream = socket.create_connection((self.broker.host, self.broker.port))
+            with upstream:
+                upstream.sendall(first)
+                t = threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True)
+                t.start()
+                self._pipe(conn, upstream)
+                t.join(timeout=5)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()

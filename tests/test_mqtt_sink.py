@@ -17,7 +17,7 @@ import pytest
 
 from device.config import from_dict
 from device.sinks.mqtt import MqttSink
-from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, retained
+from tests.mosquitto import Mosquitto, Mqtt311OnlyGateway, Watcher, mosquitto_binary, retained
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,11 +225,45 @@ def test_unverifiable_certificate_is_refused(tmp_path: Path, caplog: pytest.LogC
     caplog.set_level(logging.INFO, logger="serenbox.mqtt")
     # No ca_file: the system CAs do not know the test CA, so verification (on by default) fails.
     with Mosquitto(tmp_path / "broker", tls=True) as broker:
-        cfg = config(broker, tmp_path, tls={"enabled": True})
-        sink = MqttSink(cfg)
+        sink = MqttSink(config(broker, tmp_path, tls={"enabled": True}))
         sink.start()
         sink.emit(event(1))
         wait(lambda: "could not connect" in caplog.text, what="failure logged")
+        assert not sink.counters()["mqtt_connected"] and sink.counters()["spool_depth"] == 1
+        sink.close()
+        # `insecure: true` skips verification (and says so): it connects and delivers.
+        with Watcher(broker, [f"serenbox/{DEVICE}/events"], client_id="w-insecure") as w:
+            sink = MqttSink(config(broker, tmp_path, tls={"enabled": True, "insecure": True}))
+            sink.start()
+            w.wait_for(lambda: len(ids(w)) == 1, what="the spooled event over unverified TLS")
+            sink.close()
+        assert "NOT verified" in caplog.text
+
+
+def test_client_certificate(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker", tls=True, require_client_cert=True) as broker:
+        f = broker.tls_files
+        assert f is not None
+        with Watcher(broker, [f"serenbox/{DEVICE}/events"]) as w:
+            tls = {
+                "enabled": True,
+                "ca_file": str(f["ca"]),
+                "cert_file": str(f["client"]),
+                "key_file": str(f["client_key"]),
+            }
+            sink = MqttSink(config(broker, tmp_path, host="localhost", tls=tls))
+            sink.start()
+            e = event(1)
+            sink.emit(e)
+            w.wait_for(lambda: ids(w) == [e["id"]], what="event over mutual TLS")
+            sink.close()
+        # Without the client certificate the broker hangs up during the handshake.
+        sink = MqttSink(
+            config(broker, tmp_path / "other", host="localhost", tls={"enabled": True, "ca_file": str(f["ca"])})
+        )
+        sink.start()
+        sink.emit(event(2))
+        time.sleep(1.0)
         assert not sink.counters()["mqtt_connected"] and sink.counters()["spool_depth"] == 1
         sink.close()
 
@@ -270,7 +304,9 @@ def test_commands(broker: Mosquitto, tmp_path: Path) -> None:
         bad = [b"{not json", b'"pause"', b'{"command": "explode"}', b'{"command": "fps"}', b"\xff\xfe", b"x" * 5000]
         good = [b'{"command": "pause"}', b'{"command": "fps", "value": 5}', b'{"command": "resume"}']
         msgs = [*bad, b'{"command": "fps", "value": 100}', *good]
-        publish.multiple([{"topic": topic, "payload": p, "qos": 1} for p in msgs], hostname=broker.host, port=broker.port)
+        publish.multiple(
+            [{"topic": topic, "payload": p, "qos": 1} for p in msgs], hostname=broker.host, port=broker.port
+        )
         w.wait_for(lambda: len(w.on("/error")) >= len(bad) + 1, what="error replies")
         wait(lambda: len(got) == 3, what="valid commands")
         assert got == [{"command": "pause"}, {"command": "fps", "value": 5.0}, {"command": "resume"}]
@@ -303,3 +339,58 @@ def test_startup_does_not_block_without_broker(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 1.0
     assert sink.counters()["spool_depth"] == 1
     sink.close()
+
+
+@pytest.mark.parametrize(("protocol", "logged"), [("5", "p5"), ("3.1.1", "p2"), ("auto", "p5")])
+def test_protocol_versions(broker: Mosquitto, tmp_path: Path, protocol: str, logged: str) -> None:
+    with Watcher(broker, [f"serenbox/{DEVICE}/events"]) as w:
+        sink = MqttSink(config(broker, tmp_path, protocol=protocol))
+        sink.start()
+        e = event(1)
+        sink.emit(e)
+        w.wait_for(lambda: ids(w) == [e["id"]], what=f"event over MQTT {protocol}")
+        sink.close()
+    # mosquitto logs its own code for the protocol it accepted: p2 = 3.1.1, p5 = 5.
+    line = next(li for li in broker.log().splitlines() if f"as serenbox-{DEVICE} " in li)
+    assert f"({logged}," in line, line
+
+
+def test_falls_back_to_311_when_the_broker_refuses_mqtt5(
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="serenbox.mqtt")
+    gateway = Mqtt311OnlyGateway(broker)
+    try:
+        with Watcher(broker, [f"serenbox/{DEVICE}/#"]) as w:
+            cfg = config(broker, tmp_path)
+            cfg.mqtt.port = gateway.port
+            sink = MqttSink(cfg)
+            sink.start()
+            sent = [event(i) for i in range(1, 11)]
+            for e in sent:
+                sink.emit(e)
+            w.wait_for(lambda: len(ids(w)) >= 10, what="events after the fallback")
+            assert ids(w) == [e["id"] for e in sent]
+            assert gateway.refused_v5 >= 1 and gateway.relayed >= 1
+            assert "falling back to 3.1.1" in caplog.text
+            sink.close()
+            w.wait_for(lambda: [m.payload for m in w.on("/availability")][-1:] == [b"offline"], what="offline")
+    finally:
+        gateway.close()
+
+
+def test_spool_bound_drops_oldest_and_reports_it(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker")  # down while the events pile up
+    sink = MqttSink(config(broker, tmp_path, spool={"max_events": 5}))
+    sink.start()
+    sent = [event(i) for i in range(1, 9)]
+    for e in sent:
+        sink.emit(e)
+    assert sink.counters()["spool_depth"] == 5 and sink.counters()["spool_dropped"] == 3
+    with broker, Watcher(broker, [f"serenbox/{DEVICE}/#"]) as w:
+        w.wait_for(lambda: len(ids(w)) >= 5, what="the newest five events")
+        assert ids(w) == [e["id"] for e in sent[3:]]  # the three oldest were dropped, the rest in order
+        sink.stats({"fps": 1.0})
+        w.wait_for(lambda: w.on("/stats"), what="stats")
+        assert w.on("/stats")[0].json()["spool_dropped"] == 3
+        sink.close()

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,21 @@ def test_count_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
 
 def test_age_bound_drops_old_events(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.sqlite", max_events=100, max_age_s=60)
-    t0 = 1_000_000.0
+    t0 = time.time() - 100
     s.append("old1", now=t0)
     s.append("old2", now=t0 + 1)
     s.append("new", now=t0 + 100)  # old1/old2 are now older than 60 s
     assert [p for _, p in s.after(0, 10)] == ["new"]
     assert s.dropped == 2
+    s.close()
+
+
+def test_age_bound_applies_while_nothing_is_appended(tmp_path: Path) -> None:
+    # A paused pipeline during a long outage appends nothing; stale events must not go out later.
+    s = Spool(tmp_path / "s.sqlite", max_events=100, max_age_s=60)
+    s.append("stale", now=time.time() - 100)
+    assert len(s) == 1
+    assert s.after(0, 10) == [] and s.dropped == 1 and len(s) == 0
     s.close()
 
 
@@ -92,3 +102,44 @@ def test_read_only_directory_is_a_clear_error(tmp_path: Path) -> None:
     d.chmod(0o500)
     with pytest.raises(SpoolError):
         Spool(d / "s.sqlite", 10, 60)
+
+
+def test_garbage_file_is_moved_aside_and_a_new_spool_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"this is not a database, a torn write or a wrong file" * 100)
+    s = Spool(path, 100, 3600)
+    assert len(s) == 0
+    assert s.append("fresh") >= 1 and [p for _, p in s.after(0, 10)] == ["fresh"]
+    s.close()
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("s.sqlite.corrupt-")
+    assert (tmp_path / aside[0]).read_bytes().startswith(b"this is not a database")
+    assert "was damaged" in caplog.text
+
+
+def test_damaged_page_keeps_every_readable_event(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "s.sqlite"
+    s = Spool(path, 10_000, 3600)
+    payloads = [f"e{i:04d}-" + "x" * 300 for i in range(600)]  # ~13 rows per 4 KiB page, ~46 pages
+    ids = [s.append(p) for p in payloads]
+    s.delete(ids[:5])  # some already acknowledged, as in real life
+    s.close()  # the last connection checkpoints the WAL into the main file
+    page = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    size = path.stat().st_size
+    assert size // page > 30
+    with path.open("r+b") as f:  # one page in the middle turns to garbage, as a failing SD card does
+        f.seek((size // page // 2) * page)
+        f.write(bytes(range(256)) * (page // 256))
+
+    s = Spool(path, 10_000, 3600)
+    kept = [p for _, p in s.after(0, 10_000)]
+    assert "was damaged" in caplog.text and s.lost_to_corruption > 0
+    assert kept[0] == payloads[5] and kept[-1] == payloads[-1]  # both sides of the damage survive
+    assert 595 - 2 * 13 <= len(kept) < 595  # only about one page worth is gone
+    assert kept == [p for p in payloads[5:] if p in set(kept)]  # original order, nothing invented
+    assert len(s) == len(kept)
+    assert s.append("after") > ids[-1]  # ids stay above everything handed out before the damage
+    s.close()
+    s = Spool(path, 10_000, 3600)  # the rebuilt file is healthy: no second recovery
+    assert len(s) == len(kept) + 1 and caplog.text.count("was damaged") == 1
+    s.close()

@@ -17,6 +17,7 @@ Locks (acquired only in this order, so paho's callbacks cannot deadlock with the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import ssl
@@ -44,6 +45,18 @@ CLOSE_TIMEOUT_S = 2.0
 # CONNACK reasons meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 0x84).
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+class _PahoRetryNoise(logging.Filter):
+    """paho logs an ERROR on every reconnect attempt while the broker is away; the sink already
+    says once that it is spooling and retrying, so those lines only alarm whoever reads the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("serenbox.mqtt.paho")
+_PAHO_LOG.addFilter(_PahoRetryNoise())
 
 
 def spool_path(cfg: Config) -> Path:
@@ -117,7 +130,8 @@ class MqttSink(Sink):
     def counters(self) -> dict[str, Any]:
         return {
             "spool_depth": len(self._spool),
-            "spool_dropped": self._spool.dropped + self._write_errors,
+            # Bounds, full disk and a damaged spool file: every way an event failed to be kept.
+            "spool_dropped": self._spool.dropped + self._write_errors + self._spool.lost_to_corruption,
             "mqtt_published": self._published,
             "mqtt_connected": self._connected,
         }
@@ -143,10 +157,9 @@ class MqttSink(Sink):
             time.sleep(0.02)
         if self._connected:
             info = client.publish(self.topics.availability, "offline", qos=1, retain=True)
-            try:
+            # The connection may go away meanwhile; the Last Will says offline instead.
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
-            except (RuntimeError, ValueError):
-                pass  # the connection went away meanwhile; the Last Will says offline instead
         client.disconnect()
         client.loop_stop()
         self._collect_acks()
@@ -170,7 +183,7 @@ class MqttSink(Sink):
             # A clean session: the spool is what remembers unsent events, never the broker.
             clean_session=None if v5 else True,
         )
-        client.enable_logger(logging.getLogger("serenbox.mqtt.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
         client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
