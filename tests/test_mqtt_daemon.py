@@ -180,10 +180,10 @@ def test_events_state_and_availability_from_a_video(model: Path, videos: dict[st
             assert e.keys() >= EVENT_KEYS and e["schema"] == "serenbox.event/1" and e["device_id"] == DEVICE
         assert {"duration_s", "summary"} <= got[-1].keys()
         assert all(not m.retain for m in w.on("/events"))
-        # State: retained, and it saw the face.
-        states = [m.json() for m in w.on("/state")]
-        assert any(s["faces"] == 1 and s["dominant"] == "happy" for s in states), states
-        assert json.loads(retained(broker, f"{BASE}/state"))["faces"] in (0, 1)
+        # State: retained; bursts are rate-limited (this file plays in about a second) but the
+        # latest always goes out: nobody is left at the end.
+        w.wait_for(lambda: w.on("/state") and w.on("/state")[-1].json()["faces"] == 0, what="final state")
+        assert json.loads(retained(broker, f"{BASE}/state"))["faces"] == 0
         w.wait_for(lambda: [m.payload for m in w.on("/availability")][-1:] == [b"offline"], what="offline")
         assert [m.payload for m in w.on("/availability")] == [b"online", b"offline"]
         assert retained(broker, f"{BASE}/availability") == b"offline"
@@ -230,7 +230,11 @@ def test_commands_stats_and_last_will_after_sigkill(model: Path, videos: dict[st
     with Mosquitto(tmp_path / "broker") as broker, Watcher(broker, [f"{BASE}/#"]) as w:
         daemon = Daemon(write_config(tmp_path, model, broker, videos["mood"], loop=True, stats_interval_s=1))
         try:
-            w.wait_for(lambda: w.on("/availability") and w.on("/state"), timeout=60, what="online and a state")
+            w.wait_for(lambda: w.on("/availability"), timeout=60, what="online")
+            w.wait_for(lambda: any(m.json()["faces"] == 1 for m in w.on("/state")), what="a state with the face")
+            face = next(m.json() for m in w.on("/state") if m.json()["faces"] == 1)
+            assert face["dominant"] in ("happy", "sad") and face["paused"] is False
+            assert face["tracks"][0]["emotion"] == face["dominant"]
             # Stats: the pipeline's figures with the sink's spool counters merged in.
             w.wait_for(lambda: w.on("/stats"), what="stats")
             stats = w.on("/stats")[-1].json()

@@ -91,8 +91,12 @@ def test_events_in_order_state_stats_availability(broker: Mosquitto, tmp_path: P
         assert stats["fps"] == 9.5 and stats["spool_depth"] == 0 and stats["mqtt_connected"] is True
         assert stats["spool_dropped"] == 0 and stats["mqtt_published"] == 100
 
+        # A change inside the rate limit is still the retained state after a clean close.
+        sink.state({"faces": 6, "dominant": "sad", "paused": False})
+        sink.state({"faces": 0, "dominant": None, "paused": False})
         sink.close()
     assert retained(broker, f"serenbox/{DEVICE}/availability") == b"offline"
+    assert json.loads(retained(broker, f"serenbox/{DEVICE}/state"))["faces"] == 0
 
 
 def test_broker_restart_loses_and_duplicates_nothing(tmp_path: Path) -> None:

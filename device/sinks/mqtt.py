@@ -345,7 +345,8 @@ class MqttSink(Sink):
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
-                self._publish_state()
+                # At shutdown the rate limit yields: the retained state must be the last one.
+                self._publish_state(force=stopping)
             except Exception:  # keep spooling whatever happens; the next wake-up retries
                 log.exception("MQTT publisher error")
                 time.sleep(0.5)
@@ -373,13 +374,14 @@ class MqttSink(Sink):
             return None  # on_connect wakes the thread when there is a connection again
         return max(0.0, self._state_sent_at + self._m.state_interval_s - time.monotonic())
 
-    def _publish_state(self) -> None:
+    def _publish_state(self, force: bool = False) -> None:
         with self._pub:
             with self._cond:
                 latest = self._state_latest
             if not self._connected or latest is None or latest == self._state_sent:
                 return
-            if time.monotonic() - self._state_sent_at < self._m.state_interval_s and self._state_sent is not None:
+            limited = time.monotonic() - self._state_sent_at < self._m.state_interval_s
+            if limited and self._state_sent is not None and not force:
                 return  # rate-limited; _state_due_in wakes the thread when it may go
             self._client.publish(self.topics.state, latest, qos=1, retain=True)
             self._state_sent, self._state_sent_at = latest, time.monotonic()
