@@ -24,12 +24,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from device.labels import LABELS  # noqa: E402
-from training.fer2013 import DatasetError, load  # noqa: E402
-from training.report import (  # noqa: E402
+from device.labels import LABELS
+from training.fer2013 import DatasetError, load
+from training.report import (
     classification_report,
     format_report,
     save_confusion_png,
@@ -128,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         data = load(args.data)
         part = data.require(args.split, all_classes=False)
         seen = seen_in(part.images, data.split("Training").images)
-        results = {"split": args.split, "data": str(args.data), "n": len(part), "also_in_training": int(seen.sum()),
-                   "models": {}}
+        results = {
+            "split": args.split,
+            "data": str(args.data),
+            "n": len(part),
+            "also_in_training": int(seen.sum()),
+            "models": {},
+        }
         for spec in args.model:
             name, predict = predictor_for(spec)
             t0 = time.perf_counter()
@@ -137,16 +142,25 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             full = classification_report(part.labels, pred)
             dedup = classification_report(part.labels[~seen], pred[~seen])
-            results["models"][spec] = {"name": name, "all": full, "without_training_duplicates": dedup,
-                                       "seconds": round(seconds, 2)}
+            results["models"][spec] = {
+                "name": name,
+                "all": full,
+                "without_training_duplicates": dedup,
+                "seconds": round(seconds, 2),
+            }
             print(format_report(full, f"\n{name} on {args.split}"))
-            print(f"without the {int(seen.sum())} images also in Training: n={dedup['n']} "
-                  f"accuracy={dedup['accuracy'] * 100:.2f}%  macro-F1={dedup['macro_f1'] * 100:.2f}%")
+            print(
+                f"without the {int(seen.sum())} images also in Training: n={dedup['n']} "
+                f"accuracy={dedup['accuracy'] * 100:.2f}%  macro-F1={dedup['macro_f1'] * 100:.2f}%"
+            )
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 stem = "fer" if spec == "fer" else Path(spec).name.replace(".", "_")
-                save_confusion_png(full, args.out / f"confusion_{stem}.png",
-                                   f"{name}\n{args.split}: accuracy {full['accuracy'] * 100:.1f}%")
+                save_confusion_png(
+                    full,
+                    args.out / f"confusion_{stem}.png",
+                    f"{name}\n{args.split}: accuracy {full['accuracy'] * 100:.1f}%",
+                )
         if args.out:
             write_json_atomic(results, args.out / "eval.json")
     except DatasetError as e:

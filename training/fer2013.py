@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -87,13 +90,21 @@ def load(path: str | Path) -> Fer2013:
 
 
 def read_npz(path: Path) -> Fer2013:
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)
     try:
-        with np.load(path) as archive:
-            x, y, split = archive["x"], archive["y"], archive["split"]
-    except KeyError as e:
-        raise DatasetError(f"{path}: archive lacks array {e.args[0]!r} (needs x, y, split)") from None
-    except (OSError, ValueError) as e:
+        archive = np.load(path)
+    except unreadable as e:
         raise DatasetError(f"{path}: not a readable .npz archive ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+        raise DatasetError(f"{path}: not an .npz archive of x, y, split")
+    with archive:
+        missing = [k for k in ("x", "y", "split") if k not in archive.files]
+        if missing:
+            raise DatasetError(f"{path}: archive lacks array(s) {', '.join(missing)} (needs x, y, split)")
+        try:
+            x, y, split = archive["x"], archive["y"], archive["split"]
+        except unreadable as e:  # a damaged member inside an intact zip directory
+            raise DatasetError(f"{path}: not a readable .npz archive ({e})") from None
     if x.ndim != 3 or x.shape[1:] != (SIZE, SIZE) or len(y) != len(x) or len(split) != len(x):
         raise DatasetError(f"{path}: expected x (N,48,48), y (N,), split (N,); got {x.shape}, {y.shape}, {split.shape}")
     if len(y) and (y.max() >= len(LABELS) or split.max() >= len(SPLITS)):
@@ -101,7 +112,25 @@ def read_npz(path: Path) -> Fer2013:
     return Fer2013(x.astype(np.uint8), y.astype(np.uint8), split.astype(np.uint8), str(path))
 
 
+def _first_undecodable_line(path: Path) -> int:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 def read_csv(path: Path) -> Fer2013:
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError:
+        # The decoder works on blocks, so the csv reader's line number is not where the bad byte is.
+        raise DatasetError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text") from None
+
+
+def _read_csv(path: Path) -> Fer2013:
     images, labels, splits = [], [], []
     try:
         handle = path.open(newline="", encoding="utf-8")
@@ -115,7 +144,7 @@ def read_csv(path: Path) -> Fer2013:
         except ValueError:
             raise DatasetError(f"{path}:1: header must name columns emotion,pixels[,Usage]; got {header}") from None
         col_u = header.index("usage") if "usage" in header else None
-        for row in reader:
+        for row in _rows(reader, path):
             line = reader.line_num
             if not row or all(not cell.strip() for cell in row):
                 continue
@@ -144,6 +173,18 @@ def read_csv(path: Path) -> Fer2013:
     if not images:
         raise DatasetError(f"{path}: no data rows")
     return Fer2013(np.stack(images), np.array(labels, np.uint8), np.array(splits, np.uint8), str(path))
+
+
+def _rows(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The reader's rows; a csv.Error (NUL byte, oversized field) becomes a DatasetError naming the line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DatasetError(f"{path}:{reader.line_num}: {e}") from None
+        yield row
 
 
 def _split_of(file: Path, top: str) -> int:

@@ -17,8 +17,9 @@ from device.labels import LABELS
 BACKBONE_NAME = "mobilenetv2_1.00"
 
 
-def build_model(input_size: int, weights: str | Path | None, dropout: float = 0.3, alpha: float = 1.0,
-                bn_momentum: float = 0.99) -> keras.Model:
+def build_model(
+    input_size: int, weights: str | Path | None, dropout: float = 0.3, alpha: float = 1.0, bn_momentum: float = 0.99
+) -> keras.Model:
     """MobileNetV2 backbone (`weights`: a local Keras h5 file, or None for random) plus head."""
     inputs = keras.Input((input_size, input_size, 1), name="pixels")
     # Gray faces feed an RGB-pretrained backbone: repeat the channel inside the model so the

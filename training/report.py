@@ -31,7 +31,12 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: tuple[
         "accuracy": float(tp.sum() / max(cm.sum(), 1)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(labels)
         },
         "confusion_matrix": cm.tolist(),
@@ -61,8 +66,15 @@ def save_confusion_png(report: dict, path: Path, title: str) -> None:
     ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, f"{rows[i, j]:.2f}\n{int(cm[i, j])}", ha="center", va="center", fontsize=7,
-                    color="white" if rows[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{rows[i, j]:.2f}\n{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")

@@ -24,11 +24,11 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from device.labels import LABELS  # noqa: E402
-from training.fer2013 import DatasetError, Fer2013, load  # noqa: E402
-from training.report import classification_report, format_report, save_confusion_png, write_json_atomic  # noqa: E402
+from device.labels import LABELS
+from training.fer2013 import DatasetError, Fer2013, load
+from training.report import classification_report, format_report, save_confusion_png, write_json_atomic
 
 
 class TrainError(Exception):
@@ -76,17 +76,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small subset, input 32, one short epoch")
     a = p.parse_args(argv)
     r = Recipe(
-        input_size=a.input_size, batch_size=a.batch_size, head_epochs=a.head_epochs, epochs=a.epochs,
-        head_lr=a.head_lr, lr=a.lr, label_smoothing=a.label_smoothing, class_weight_power=a.class_weight_power,
-        dropout=a.dropout, patience=a.patience, augment=not a.no_augment, seed=a.seed,
+        input_size=a.input_size,
+        batch_size=a.batch_size,
+        head_epochs=a.head_epochs,
+        epochs=a.epochs,
+        head_lr=a.head_lr,
+        lr=a.lr,
+        label_smoothing=a.label_smoothing,
+        class_weight_power=a.class_weight_power,
+        dropout=a.dropout,
+        patience=a.patience,
+        augment=not a.no_augment,
+        seed=a.seed,
         limit_per_class=a.limit_per_class,
     )
     if a.quick:
         # Small defaults; options given explicitly still win.
         given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
-        for flag, attr, value in (("--input-size", "input_size", 32), ("--batch-size", "batch_size", 16),
-                                  ("--head-epochs", "head_epochs", 0), ("--epochs", "epochs", 1),
-                                  ("--limit-per-class", "limit_per_class", 12)):
+        for flag, attr, value in (
+            ("--input-size", "input_size", 32),
+            ("--batch-size", "batch_size", 16),
+            ("--head-epochs", "head_epochs", 0),
+            ("--epochs", "epochs", 1),
+            ("--limit-per-class", "limit_per_class", 12),
+        ):
             if flag not in given:
                 setattr(r, attr, value)
     if r.input_size < 32:
@@ -243,8 +256,11 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     cw = class_weights(train_set.labels, r.class_weight_power)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
     steps = int(np.ceil(len(train_set) / r.batch_size))
-    print(f"train {len(train_set)}  val {len(val_set)}  input {r.input_size}  class weights "
-          + " ".join(f"{LABELS[i]}={w:.2f}" for i, w in cw.items()), flush=True)
+    print(
+        f"train {len(train_set)}  val {len(val_set)}  input {r.input_size}  class weights "
+        + " ".join(f"{LABELS[i]}={w:.2f}" for i, w in cw.items()),
+        flush=True,
+    )
 
     t0 = time.time()
     with strategy.scope():
@@ -258,9 +274,13 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
             stage_fit(model, "head", train_ds, val_ds, r.head_epochs, cw, out, r.patience)
             model.save_weights(head_done)
         backbone_of(model).trainable = True
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=max(1, steps * r.epochs - steps // 2), warmup_target=r.lr, warmup_steps=steps // 2
-        ) if r.epochs > 0 else r.lr
+        schedule = (
+            keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=max(1, steps * r.epochs - steps // 2), warmup_target=r.lr, warmup_steps=steps // 2
+            )
+            if r.epochs > 0
+            else r.lr
+        )
         model.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
         stage_fit(model, "finetune", train_ds, val_ds, r.epochs, cw, out, r.patience)
     elapsed = time.time() - t0
@@ -278,11 +298,18 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     best = keras.models.load_model(out / "model.keras")
     probs = predict_probs(best, report_set.images, r.input_size)
     report = classification_report(report_set.labels, probs.argmax(1))
-    report.update(split=args.report_split, data=str(args.data), train_seconds=round(elapsed, 1),
-                  selected=json.loads((out / "best.json").read_text()))
+    report.update(
+        split=args.report_split,
+        data=str(args.data),
+        train_seconds=round(elapsed, 1),
+        selected=json.loads((out / "best.json").read_text()),
+    )
     write_json_atomic(report, out / "report.json")
-    save_confusion_png(report, out / "confusion_matrix.png",
-                       f"{args.report_split}: accuracy {report['accuracy'] * 100:.1f}% (float, input {r.input_size})")
+    save_confusion_png(
+        report,
+        out / "confusion_matrix.png",
+        f"{args.report_split}: accuracy {report['accuracy'] * 100:.1f}% (float, input {r.input_size})",
+    )
     print(format_report(report, f"{args.report_split} (best model by PublicTest accuracy)"), flush=True)
     return report
 
