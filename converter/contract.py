@@ -7,6 +7,7 @@ A model that breaks this would convert fine and then mislabel every face, so it 
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,13 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def load_keras_model(path: Path) -> Any:
-    import keras
-
     if not path.is_file():
         raise ContractError(f"{path}: model file does not exist")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras says "file not found" for a damaged archive, which sends people looking in the wrong place.
+        raise ContractError(f"{path}: not a Keras .keras archive (corrupt or truncated file)")
+    import keras  # only now: importing TensorFlow takes seconds, too long to wait for a typo's message
+
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a corrupt or foreign file

@@ -35,7 +35,16 @@ from converter.contract import ContractError, check_contract, load_keras_model, 
 from converter.proof import format_table, prove
 from converter.quantize import IO_TYPES, QuantizeError, check_integer_only, convert_int8, stratified_sample
 from device.labels import LABELS
-from device.manifest import InputSpec, Manifest, OutputSpec, manifest_path, sha256_of, utc_now, write_manifest
+from device.manifest import (
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    manifest_path,
+    readable_by_all,
+    sha256_of,
+    utc_now,
+    write_manifest,
+)
 from training.fer2013 import SPLITS, DatasetError, load
 from training.report import write_json_atomic
 
@@ -71,6 +80,8 @@ def report_path_for(out: Path) -> Path:
 
 
 def _writable_dir(folder: Path, what: str) -> None:
+    if folder.exists() and not folder.is_dir():  # mkdir would say "File exists", which misleads
+        raise ConvertError(f"{folder}: cannot write the {what} there (a file, not a folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -99,6 +110,21 @@ def _check_arguments(
         raise ConvertError(f"{data}: data path does not exist")
     _writable_dir(out.parent, "model")
     _writable_dir(report.parent, "report")
+
+
+def span_pixel_range(pixels: np.ndarray) -> np.ndarray:
+    """The calibration pixels with one corner pixel set to 0 and one to 255 where the set lacks them.
+
+    The input tensor's quantization comes from the range calibration saw; a set without pure
+    black or white would give a scale below 1 and clip real pixels at the ends. One pixel
+    each moves no other tensor's range noticeably, and makes the input scale exactly 1.
+    """
+    pixels = pixels.copy()
+    if pixels.min() > 0:
+        pixels[0, 0, 0, :] = 0
+    if pixels.max() < 255:
+        pixels[-1, -1, -1, :] = 255
+    return pixels
 
 
 def _versions() -> dict[str, str]:
@@ -193,11 +219,12 @@ def convert(
         "seed": seed,
         "data": str(data),
         "data_sha256": sha256_of(data) if data.is_file() else None,
+        "input_range": [0, 255],
     }
     log(f"calibrating on {len(picked)} Training images (stratified by class, seed {seed}) and converting ...")
     t0 = time.perf_counter()
     try:
-        tflite_bytes = convert_int8(model, model_input(train.images[picked], info), io)
+        tflite_bytes = convert_int8(model, span_pixel_range(model_input(train.images[picked], info)), io)
     except QuantizeError as e:
         raise ConvertError(f"{model_path}: {e}") from None
     conversion_s = time.perf_counter() - t0
@@ -207,6 +234,7 @@ def convert(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(tflite_bytes)
+        readable_by_all(tmp)
         try:
             ops = check_integer_only(tmp, io)
         except QuantizeError as e:
@@ -272,7 +300,9 @@ def native_stderr_to(path: Path) -> Iterator[None]:
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.dup2(target, 2)
-        yield
+        # Python-level warnings too, also when sys.stderr is not fd 2 (an embedding program, pytest).
+        with open(os.dup(target), "w", closefd=True) as log, contextlib.redirect_stderr(log):
+            yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)

@@ -1,14 +1,24 @@
 """Tiny FER-like data and tiny Keras models, converted with the project's converter, for tests.
 
-- `make_dataset`: generated 48×48 faces whose class is where a bright or dark blob sits
-  (learnable in seconds), with a background brightness spread over 20..235 so calibration
-  sees the whole pixel range; `write_npz` / `write_csv` / `write_folders` write it in each
-  layout the readers accept.
-- `tiny_cnn`: a few convolutions trained briefly on that data (input 32×32×1).
-- `brightness_model`: built without training; its emotion follows the mean brightness of the
-  face (dark → sad, mid → neutral, bright → happy; see `BANDS` and `expected_emotion`), so
-  device tests can drive emotion changes by painting faces lighter or darker.
-- `convert_tiny`: any of these → int8 .tflite + manifest in a folder, via converter.convert.
+API (import as `from tests.tinymodels import ...`):
+- `make_dataset(per_class=None, seed=0) -> Fer2013`: generated 48×48 faces whose class is where
+  a bright or dark blob sits (learnable in seconds), background brightness spread over 20..235;
+  `per_class` maps split name → images per class (default `DEFAULT_PER_CLASS`: 60/15/5).
+- `write_npz(data, path)`, `write_csv(data, path)` (Kaggle codes, `KAGGLE_CODE`),
+  `write_folders(data, root)` (train/<class>/Training_N.png, test/<class>/PublicTest_N.png ...):
+  each layout the readers accept; each returns the path.
+- `tiny_cnn(data=None, size=32) -> keras.Model`: three convolutions trained for a few seconds
+  (input 32×32×1, 7 softmax outputs; ~99% on generated data).
+- `brightness_model(size=32, channels=1) -> keras.Model`: hand-set weights, no training; its
+  emotion follows the mean brightness of the face: sad below 85, neutral 85..170, happy from 170
+  (`BANDS`, `BAND_EDGES`, `expected_emotion(mean)`; `BRIGHTNESS_OF[emotion]` is a level well inside
+  each band). Only those three labels ever win. After conversion the int8 model agrees with
+  `expected_emotion` at every level 0..255 except the edge levels themselves, and the same input
+  always gives the same output bytes.
+- `convert_tiny(model, tmp_dir, data=None, name="emotion_int8", io="int8") -> Path`: saves
+  `tmp_dir/<name>.keras`, writes generated data, and runs converter.convert: returns
+  `tmp_dir/<name>.tflite` with its manifest `<name>.json` and report beside it (int8 input
+  scale 1, zero point -128). About 3 s with the brightness model.
 
 Build models once per test session (session-scoped fixtures): each costs seconds.
 """
