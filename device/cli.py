@@ -21,7 +21,6 @@ from device import __version__
 from device.classifier import Classifier, ModelError, resolve_model_path, to_gray
 from device.config import Config, ConfigError, load
 from device.events import normalised_box, rounded_probabilities
-from device.labels import LABELS
 
 log = logging.getLogger("serenbox")
 
@@ -192,7 +191,9 @@ def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config
     out = []
     for box, p_face in zip(boxes, probs, strict=True):
         probabilities = rounded_probabilities(p_face)
-        emotion = LABELS[int(max(range(len(LABELS)), key=lambda i: p_face[i]))]
+        # From the published (rounded) values, so `emotion` is always the largest of them even
+        # when rounding reorders a near tie.
+        emotion = max(probabilities, key=probabilities.__getitem__)
         out.append(
             {
                 "box": normalised_box(box, width, height),

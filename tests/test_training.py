@@ -72,6 +72,47 @@ def test_quick_run_writes_model_history_and_report(quick_run: Path):
     assert not list(quick_run.glob("*.tmp*"))
 
 
+def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tmp_path: Path):
+    """What an ML engineer does after training, on the model --quick made: convert it to int8,
+    then hand it to the device's `serenbox classify` on a real photo."""
+    import yaml
+
+    from tests import media
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    tflite = tmp_path / "quick_int8.tflite"
+    # A one-epoch model is near chance on either runtime; the accuracy gate is not what is tested here.
+    convert = [sys.executable, str(ROOT / "converter" / "convert.py"), "--model", str(quick_run / "model.keras")]
+    r = subprocess.run(
+        [*convert, "--data", str(data), "--out", str(tflite), "--max-drop", "100", "--calibration-size", "28"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads(tflite.with_suffix(".json").read_text())
+    assert manifest["labels"] == list(LABELS)
+
+    photo = media.write_image(tmp_path / "astronaut.jpg", media.astronaut_bgr())
+    config = tmp_path / "serenbox.yaml"
+    config.write_text(yaml.safe_dump({"device_id": "quick", "model": {"path": str(tflite)}}))
+    r = subprocess.run(
+        [sys.executable, "-m", "device", "classify", str(photo), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout)
+    assert line["image"] == str(photo)
+    (face,) = line["faces"]
+    assert list(face["probabilities"]) == list(LABELS)
+    assert sum(face["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert face["emotion"] == max(face["probabilities"], key=face["probabilities"].get)
+
+
 def test_quick_model_honours_the_contract(quick_run: Path):
     import keras
 
