@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from device import preprocess
 from device.classifier import Classifier, ModelError, crop_box, softmax
 from device.labels import LABELS
-from tests.tinymodels import BRIGHTNESS_OF, brightness_model, convert_tiny, expected_emotion
+from tests.tinymodels import BRIGHTNESS_OF, brightness_model, convert_tiny, edit_manifest, expected_emotion
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +31,6 @@ def copy_model(model: Path, folder: Path) -> Path:
     shutil.copy(model, folder / model.name)
     shutil.copy(model.with_suffix(".json"), folder / model.with_suffix(".json").name)
     return folder / model.name
-
-
-def edit_manifest(model: Path, edit: dict) -> None:
-    path = model.with_suffix(".json")
-    data = json.loads(path.read_text())
-    for dotted, value in edit.items():
-        *parents, key = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        node[key] = value
-    path.write_text(json.dumps(data))
 
 
 def face_frame(levels: list[int], size: int = 80) -> tuple[np.ndarray, list[tuple[float, float, float, float]]]:

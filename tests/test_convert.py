@@ -30,6 +30,7 @@ from tests.tinymodels import (
     BRIGHTNESS_OF,
     brightness_model,
     convert_tiny,
+    edit_manifest,
     expected_emotion,
     make_dataset,
     tiny_cnn,
@@ -190,15 +191,7 @@ def test_device_refuses_a_manifest_that_does_not_match(
     converted: ConvertResult, tmp_path: Path, edit: dict[str, Any], needle: str
 ) -> None:
     model = copy_model(converted, tmp_path)
-    path = model.with_suffix(".json")
-    data = json.loads(path.read_text())
-    for dotted, value in edit.items():
-        *parents, key = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        node[key] = value
-    path.write_text(json.dumps(data))
+    edit_manifest(model, edit)
     with pytest.raises(ManifestError, match=needle):
         check_against_interpreter(load_manifest(model), load_interpreter(str(model)))
 

@@ -19,6 +19,8 @@ API (import as `from tests.tinymodels import ...`):
   `tmp_dir/<name>.keras`, writes generated data, and runs converter.convert: returns
   `tmp_dir/<name>.tflite` with its manifest `<name>.json` and report beside it (int8 input
   scale 1, zero point -128). About 3 s with the brightness model.
+- `edit_manifest(model, {"output.activation": "none"})`: change keys of a converted model's
+  manifest, to test that the device refuses a manifest that does not match its model.
 
 Build models once per test session (session-scoped fixtures): each costs seconds.
 """
@@ -26,6 +28,7 @@ Build models once per test session (session-scoped fixtures): each costs seconds
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +191,16 @@ def convert_tiny(
         source, data, tmp_dir / f"{name}.tflite", io=io, calibration_size=calibration_size, max_drop=max_drop
     )
     return result.tflite
+
+
+def edit_manifest(model: Path, edit: dict[str, Any]) -> None:
+    """Set keys of the manifest beside `model`; dotted keys reach into sections ("output.activation")."""
+    path = model.with_suffix(".json")
+    data = json.loads(path.read_text())
+    for dotted, value in edit.items():
+        *parents, key = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    path.write_text(json.dumps(data))
