@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             _, seconds = run_int8(path, pixels, threads=1)
             ms = np.asarray(seconds) * 1000
             print(
-                f"{size:>5}px{path.stat().st_size / 1e6:>8.2f}MB"
-                f"{np.median(ms):>8.2f}ms{np.percentile(ms, 95):>8.2f}ms",
+                f"{size:>5}px{path.stat().st_size / 1e6:>8.2f}MB{np.median(ms):>8.2f}ms{np.percentile(ms, 95):>8.2f}ms",
                 flush=True,
             )
     return 0

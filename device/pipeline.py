@@ -126,6 +126,7 @@ class Pipeline:
         self._fps_limit: float | None = None
         self._next_frame_t = -math.inf
         self.paused = False
+        self._camera_down = False
 
         self._stop = threading.Event()
         self._close_lock = threading.Lock()
@@ -134,6 +135,10 @@ class Pipeline:
         self._commands: queue.Queue[dict[str, Any]] = queue.Queue()
         for sink in sinks:
             sink.on_command(self.handle_command)
+        if hasattr(source, "heartbeat"):
+            # While a camera is being reopened the loop waits inside read(); keep the watchdog,
+            # status, stats and commands going, or systemd would kill a healthy daemon.
+            source.heartbeat = self._while_camera_down
 
     # --- requests from other threads and signal handlers -------------------------------------
 
@@ -173,6 +178,7 @@ class Pipeline:
                     break
                 if self._stop.is_set():
                     break
+                self._camera_down = False
                 self.process(frame)
                 if self.max_frames is not None and self.frames >= self.max_frames:
                     reason = "max frames"
@@ -240,6 +246,12 @@ class Pipeline:
         if now - self._last_stats >= self.cfg.mqtt.stats_interval_s:
             self._last_stats = now
             self._send_stats()
+
+    def _while_camera_down(self) -> None:
+        if not self._camera_down:
+            self._camera_down = True
+            self.notifier.status(self._status_text())  # now, not at the next status interval
+        self._between_frames()
 
     def _apply_command(self, command: dict[str, Any]) -> None:
         name = command["command"]
@@ -391,7 +403,11 @@ class Pipeline:
                 log.exception("sink %s failed to take stats", type(sink).__name__)
 
     def _status_text(self) -> str:
-        return "paused" if self.paused else f"{self.fps():.1f} fps, {len(self.tracker.confirmed())} faces"
+        if self.paused:
+            return "paused"
+        if self._camera_down:
+            return f"camera unavailable, reopening ({getattr(self.source, 'camera_errors', 0)} camera errors)"
+        return f"{self.fps():.1f} fps, {len(self.tracker.confirmed())} faces"
 
     def _save_crops(self, gray: np.ndarray, boxes: list[tuple[float, float, float, float]], index: int) -> None:
         """Debug only (debug.save_crops): crops as PNG, each written whole or not at all."""

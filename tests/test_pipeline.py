@@ -13,6 +13,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -435,3 +436,39 @@ def test_ready_and_watchdog_while_running(model: Path, video: Path, tmp_path: Pa
     assert messages[0].startswith("READY=1\nSTATUS=")
     assert messages.count("WATCHDOG=1") >= 10  # a 1 µs timeout: a ping every loop iteration
     assert messages[-1] == "STOPPING=1"
+
+
+def test_watchdog_keeps_beating_while_an_unplugged_camera_is_reopened(model: Path) -> None:
+    """An unplugged camera is a reason to wait, not a hang: the backoff (up to reopen_max_s, far
+    above systemd's watchdog timeout) must not cost the daemon its watchdog pings."""
+    from device.cameras import ReopeningSource
+
+    name = f"serenbox-test-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.settimeout(0.1)
+    notifier = Notifier(env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "400000"})
+    cfg = make_config(model, "demo", camera={"reopen_initial_s": 3.0, "reopen_max_s": 3.0})
+    device = FlakyCamera(scene(face_patch(), HAPPY), fail_after=5, fail_opens=1000)  # never comes back
+    pipeline = build(cfg, [RecordingSink()], source=ReopeningSource(device, cfg.camera), notifier=notifier)
+    thread = threading.Thread(target=pipeline.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while pipeline.source.camera_errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pipeline.source.camera_errors >= 1
+        frames_when_down = pipeline.frames
+        messages: list[str] = []
+        until = time.monotonic() + 2.5  # inside the first 3 s backoff wait
+        while time.monotonic() < until:
+            with contextlib.suppress(TimeoutError):
+                messages.extend(listener.recv(4096).decode().splitlines())
+    finally:
+        pipeline.stop()
+        thread.join(5)
+        listener.close()
+        notifier.close()
+    assert pipeline.frames == frames_when_down  # no frame arrived: the camera really was down
+    assert messages.count("WATCHDOG=1") >= 2
+    assert any(m.startswith("STATUS=camera unavailable") for m in messages)

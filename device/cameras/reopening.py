@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from device.cameras.base import CameraError, Frame, FrameSource
 from device.config import CameraConfig
 
 log = logging.getLogger(__name__)
+
+# A backoff wait can reach reopen_max_s, longer than systemd's watchdog timeout: beat this often.
+HEARTBEAT_S = 1.0
 
 
 class ReopeningSource(FrameSource):
@@ -19,6 +24,10 @@ class ReopeningSource(FrameSource):
     Files and folders cannot recover, so their errors pass straight through.
 
     Frame indices continue across reopens, so a gap still means missed frames.
+
+    `heartbeat` (set by the pipeline) is called at least every HEARTBEAT_S while the camera is
+    down: the loop is alive and waiting on purpose, so the watchdog must not kill the daemon for
+    an unplugged camera. A read or open that hangs inside the driver never reaches it.
     """
 
     def __init__(self, inner: FrameSource, cfg: CameraConfig, stop_event: threading.Event | None = None) -> None:
@@ -34,6 +43,7 @@ class ReopeningSource(FrameSource):
         self._is_open = False
         self._delay = self.initial_s
         self.live = inner.live
+        self.heartbeat: Callable[[], None] | None = None
 
     def open(self) -> None:
         self.inner.open()
@@ -58,10 +68,22 @@ class ReopeningSource(FrameSource):
                     frame = Frame(frame.image, frame.t, frame.index + self._offset)
                     self._next_index = frame.index + 1
                     return frame
-            if self.stop_event.wait(self._delay):
+            if self._wait(self._delay):
                 return None
             self._delay = min(self._delay * 2, self.max_s)
         return None
+
+    def _wait(self, seconds: float) -> bool:
+        """Waits `seconds` with heartbeats; True when stopped meanwhile."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.heartbeat is not None:
+                self.heartbeat()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.stop_event.is_set()
+            if self.stop_event.wait(min(remaining, HEARTBEAT_S)):
+                return True
 
     def _failed(self, error: CameraError) -> None:
         self.camera_errors += 1
