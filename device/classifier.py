@@ -57,10 +57,13 @@ class Classifier:
     loop is the default: less memory, no re-planning.
     """
 
-    def __init__(self, model_path: str | Path, num_threads: int = 1, batch: bool = False) -> None:
+    def __init__(
+        self, model_path: str | Path, num_threads: int = 1, batch: bool = False, flip_tta: bool = False
+    ) -> None:
         self.path = Path(model_path)
         self.num_threads = num_threads
         self.batch = batch
+        self.flip_tta = flip_tta
         try:
             self.manifest: Manifest = load_manifest(self.path)
         except ManifestError as e:
@@ -109,6 +112,15 @@ class Classifier:
         if not crops:
             return np.zeros((0, len(self.manifest.labels)), np.float32)
         inputs = np.stack([self.prepare(c) for c in crops])
+        if self.flip_tta:
+            # Faces are near-symmetric: the mirror image is a second view at twice the cost, and
+            # averaging the two also averages out int8 rounding noise (docs/model-card.md).
+            n = len(inputs)
+            probs = self._probabilities(np.concatenate([inputs, inputs[:, :, ::-1]]))
+            return (probs[:n] + probs[n:]) / 2
+        return self._probabilities(inputs)
+
+    def _probabilities(self, inputs: np.ndarray) -> np.ndarray:
         if self.batch and len(inputs) > 1:
             raw = self._invoke(self._interpreter_for(len(inputs)), inputs)
         else:

@@ -86,7 +86,7 @@ def build_classifier(cfg: Config) -> Classifier:
         if cfg.model.path:
             raise ModelError(f"model.path: {path} does not exist")
         raise ModelError(f"model.path: not set, and the shipped model {path} is missing (set model.path to a .tflite)")
-    return Classifier(path, cfg.model.num_threads)
+    return Classifier(path, cfg.model.num_threads, flip_tta=cfg.model.flip_tta)
 
 
 # --- run -------------------------------------------------------------------------------------

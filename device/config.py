@@ -38,6 +38,8 @@ class ModelConfig:
     # None: the model that ships inside the package (device/models/).
     path: str | None = None
     num_threads: int = _f(1, **_range(1, 64))
+    # Average each face with its mirror image: more accurate, twice the classification time.
+    flip_tta: bool = False
 
 
 @dataclass

@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="PrivateTest")
     p.add_argument("--model", action="append", required=True, help=".keras, .tflite, or 'fer' (repeatable)")
-    p.add_argument("--out", type=Path, help="folder for eval.json and confusion PNGs")
+    p.add_argument("--out", type=Path, help="folder for eval_<split>.json and confusion PNGs")
+    p.add_argument(
+        "--flip-tta", action="store_true", help="also report each model averaged with its mirror-image prediction"
+    )
     args = p.parse_args(argv)
     try:
         data = load(args.data)
@@ -138,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.model:
             name, predict = predictor_for(spec)
             t0 = time.perf_counter()
-            pred = predict(part.images).argmax(1)
+            probs = predict(part.images)
             seconds = time.perf_counter() - t0
+            pred = probs.argmax(1)
             full = classification_report(part.labels, pred)
             dedup = classification_report(part.labels[~seen], pred[~seen])
             results["models"][spec] = {
@@ -148,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                 "without_training_duplicates": dedup,
                 "seconds": round(seconds, 2),
             }
+            if args.flip_tta:
+                # Faces are roughly symmetric: the mirror image is a free second opinion (at twice the cost).
+                tta = (probs + predict(part.images[:, :, ::-1].copy())).argmax(1)
+                results["models"][spec]["flip_tta"] = {
+                    "all": classification_report(part.labels, tta),
+                    "without_training_duplicates": classification_report(part.labels[~seen], tta[~seen]),
+                }
+                print(f"with flip TTA: accuracy={results['models'][spec]['flip_tta']['all']['accuracy'] * 100:.2f}%")
             print(format_report(full, f"\n{name} on {args.split}"))
             print(
                 f"without the {int(seen.sum())} images also in Training: n={dedup['n']} "
@@ -162,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{name}\n{args.split}: accuracy {full['accuracy'] * 100:.1f}%",
                 )
         if args.out:
-            write_json_atomic(results, args.out / "eval.json")
+            write_json_atomic(results, args.out / f"eval_{args.split.lower()}.json")
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
