@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "also_in_training": int(seen.sum()),
             "models": {},
         }
+        stems: set[str] = set()
         for spec in args.model:
             name, predict = predictor_for(spec)
             t0 = time.perf_counter()
@@ -159,15 +160,19 @@ def main(argv: list[str] | None = None) -> int:
                     "all": classification_report(part.labels, tta),
                     "without_training_duplicates": classification_report(part.labels[~seen], tta[~seen]),
                 }
-                print(f"with flip TTA: accuracy={results['models'][spec]['flip_tta']['all']['accuracy'] * 100:.2f}%")
             print(format_report(full, f"\n{name} on {args.split}"))
             print(
                 f"without the {int(seen.sum())} images also in Training: n={dedup['n']} "
                 f"accuracy={dedup['accuracy'] * 100:.2f}%  macro-F1={dedup['macro_f1'] * 100:.2f}%"
             )
+            if args.flip_tta:
+                print(f"with flip TTA: accuracy={results['models'][spec]['flip_tta']['all']['accuracy'] * 100:.2f}%")
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 stem = "fer" if spec == "fer" else Path(spec).name.replace(".", "_")
+                if stem in stems:  # runs/a/model.keras and runs/b/model.keras: add the folder
+                    stem = f"{Path(spec).parent.name}_{stem}"
+                stems.add(stem)
                 save_confusion_png(
                     full,
                     args.out / f"confusion_{stem}.png",
