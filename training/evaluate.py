@@ -62,28 +62,12 @@ def keras_predictor(path: Path) -> Predictor:
 
 
 def tflite_predictor(path: Path) -> Predictor:
-    from device.interpreter import load_interpreter
-    from device.manifest import check_against_interpreter, load_manifest
-    from device.preprocess import dequantize, quantize, resize_face
+    # The device's own classifier (manifest checks, preprocessing, quantization, softmax), so the
+    # figures are those of the code a SerenBox runs.
+    from device.classifier import Classifier
 
-    manifest = load_manifest(path)
-    interp = load_interpreter(str(path), num_threads=1)
-    check_against_interpreter(manifest, interp)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    _, h, w, c = inp["shape"]
-    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        probs = np.empty((len(images), len(LABELS)), np.float32)
-        for i, im in enumerate(images):
-            x = np.repeat(resize_face(im, h, w).astype(np.float32)[None, ..., None], c, axis=-1)
-            interp.set_tensor(inp["index"], quantize(x, s_in, z_in, inp["dtype"]))
-            interp.invoke()
-            p = dequantize(interp.get_tensor(out["index"])[0], s_out, z_out)
-            probs[i] = p / max(float(p.sum()), 1e-9)
-        return probs
-
-    return predict
+    classifier = Classifier(path, num_threads=1)
+    return lambda images: classifier.classify_crops(list(images))
 
 
 def fer_package_predictor() -> Predictor:
