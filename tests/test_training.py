@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device.labels import LABELS
-from training.train import class_weights
+from training.train import class_weights, device_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "training" / "train.py")]
@@ -93,6 +93,14 @@ def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tm
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads(tflite.with_suffix(".json").read_text())
     assert manifest["labels"] == list(LABELS)
+    # The int8 graph starts with one exact op: pixels → (p - 128) / 128, scale 1/128, zero point 0.
+    from device.interpreter import load_interpreter
+
+    interpreter = load_interpreter(str(tflite), 1)
+    first = interpreter._get_ops_details()[0]
+    assert first["op_name"] == "CONV_2D"
+    out = next(t for t in interpreter.get_tensor_details() if t["index"] == first["outputs"][0])
+    assert out["quantization"] == (1 / 128, 0)
 
     photo = media.write_image(tmp_path / "astronaut.jpg", media.astronaut_bgr())
     config = tmp_path / "serenbox.yaml"
@@ -182,3 +190,16 @@ def test_class_weights_favour_rare_classes_and_average_one():
     assert w[1] > w[0]
     assert (90 * w[0] + 10 * w[1]) / 100 == pytest.approx(1.0)
     assert class_weights(labels, 0.0)[0] == pytest.approx(1.0)
+
+
+def test_training_inputs_are_whole_gray_levels_like_the_devices_resized_faces():
+    from device.preprocess import resize_face
+
+    faces = np.random.default_rng(0).integers(0, 256, (8, 48, 48)).astype(np.uint8)
+    x = device_pixels(faces[..., None].astype(np.float32), 96).numpy()[..., 0]
+    assert x.shape == (8, 96, 96)
+    assert np.array_equal(x, np.round(x)) and x.min() >= 0 and x.max() <= 255
+    device = np.stack([resize_face(f, 96, 96) for f in faces]).astype(np.float32)
+    # OpenCV's fixed-point bilinear rounds a few pixels the other way; never by more than one level.
+    assert np.abs(x - device).max() <= 1
+    assert (x != device).mean() < 0.2
