@@ -4,9 +4,9 @@
         --out runs/mnv2-96-qat
 
 Post-training int8 rounds every weight and every activation. A FER2013 model is fragile enough
-that this costs points (the 24-epoch model lost 0.98 PublicTest points to int8; after 2 epochs
-here, 0.11), so this fine-tunes the model with the rounding simulated in the forward pass and
-passed straight through in the backward pass:
+that this costs points (the 24-epoch model lost 0.98 PublicTest points to int8; after 6 epochs
+here its int8 model scored 0.59 above its float one), so this fine-tunes the model with the
+rounding simulated in the forward pass and passed straight through in the backward pass:
 
 - weights of Conv2D, DepthwiseConv2D and Dense: symmetric int8, one scale per output channel,
   as the converter quantizes them. Per-channel max-abs rounding is unchanged by the converter's
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, type=Path, help="trained .keras model (training/train.py output)")
     p.add_argument("--data", required=True, help="FER2013 in any layout the readers support")
     p.add_argument("--out", required=True, type=Path, help="output folder (model.keras, qat.json)")
-    p.add_argument("--epochs", type=int, default=2, help="0: only rebuild the input normalization")
+    p.add_argument("--epochs", type=int, default=6, help="0: only rebuild the input normalization")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (cosine decay)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calibration-batches", type=int, default=20)
