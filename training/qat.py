@@ -239,16 +239,15 @@ def fine_tune(args: argparse.Namespace) -> dict:
     print(f"[qat] simulated int8 PublicTest accuracy before fine-tuning {start:.4f}", flush=True)
 
     best = {"val_accuracy": float(start), "epoch": 0}
-    base.save(out / "model.tmp.keras")
-    (out / "model.tmp.keras").replace(out / "model.keras")
 
     class Keep(keras.callbacks.Callback):
+        """`base` holds the best weights so far; written once at the end, so an interrupted run
+        leaves no model behind and can simply be started again."""
+
         def on_epoch_end(self, epoch, logs=None):
             acc = float((logs or {}).get("val_accuracy", -1))
             if acc > best["val_accuracy"]:
                 copy_weights(qat, base)
-                base.save(out / "model.tmp.keras")
-                (out / "model.tmp.keras").replace(out / "model.keras")
                 best.update(val_accuracy=acc, epoch=epoch + 1)
                 print(f"[qat] epoch {epoch + 1}: new best simulated int8 PublicTest accuracy {acc:.4f}", flush=True)
 
@@ -262,6 +261,8 @@ def fine_tune(args: argparse.Namespace) -> dict:
             callbacks=[keras.callbacks.CSVLogger(str(out / "history_qat.csv")), Keep()],
             verbose=2,
         )
+    base.save(out / "model.tmp.keras")
+    (out / "model.tmp.keras").replace(out / "model.keras")
     result = {
         "source_model": str(args.model),
         "data": str(args.data),
