@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_training import _write_npz
+from tests.test_training import _write_npz, convert_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 QAT = [sys.executable, str(ROOT / "training" / "qat.py")]
@@ -120,14 +120,7 @@ def test_cli_writes_a_plain_model_that_converts(data: Path, base_model: Path, tm
     model = keras.models.load_model(out / "model.keras")
     assert not [layer for layer in model.get_layer("mobilenetv2_1.00").layers if "Quantized" in type(layer).__name__]
     tflite = tmp_path / "q.tflite"
-    convert = [sys.executable, str(ROOT / "converter" / "convert.py"), "--model", str(out / "model.keras")]
-    r = subprocess.run(
-        [*convert, "--data", str(data), "--out", str(tflite), "--max-drop", "100", "--calibration-size", "28"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    r = convert_quick(out / "model.keras", data, tflite)
     assert r.returncode == 0, r.stderr[-2000:]
     assert tflite.stat().st_size > 0
 

@@ -40,6 +40,20 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(TRAIN + args, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
+def convert_quick(model: Path, data: Path, tflite: Path) -> subprocess.CompletedProcess:
+    """`converter/convert.py` on a tiny model and data set. A one-epoch model is near chance on
+    either runtime, so the accuracy gate is opened: it is not what the callers test."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    convert = [sys.executable, str(ROOT / "converter" / "convert.py"), "--model", str(model), "--data", str(data)]
+    return subprocess.run(
+        [*convert, "--out", str(tflite), "--max-drop", "100", "--calibration-size", "28"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return _write_npz(tmp_path_factory.mktemp("fer") / "tiny.npz")
@@ -79,17 +93,8 @@ def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tm
 
     from tests import media
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     tflite = tmp_path / "quick_int8.tflite"
-    # A one-epoch model is near chance on either runtime; the accuracy gate is not what is tested here.
-    convert = [sys.executable, str(ROOT / "converter" / "convert.py"), "--model", str(quick_run / "model.keras")]
-    r = subprocess.run(
-        [*convert, "--data", str(data), "--out", str(tflite), "--max-drop", "100", "--calibration-size", "28"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    r = convert_quick(quick_run / "model.keras", data, tflite)
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads(tflite.with_suffix(".json").read_text())
     assert manifest["labels"] == list(LABELS)

@@ -207,14 +207,14 @@ def _own_weights(layer) -> list:
 def fine_tune(args: argparse.Namespace) -> dict:
     import keras
 
+    from training.model import with_exact_normalization
+
     if not Path(args.model).is_file():
         raise QatError(f"{args.model}: model file does not exist")
     out: Path = args.out
     if (out / "model.keras").exists():
         raise QatError(f"{out}: already holds a model; choose a new --out")
-    from training.model import with_exact_normalization
-
-    # Models trained before the exact int8 input normalization get it here (outputs move ~1e-3).
+    # Models trained before the exact int8 input normalization get it here.
     base = with_exact_normalization(keras.models.load_model(args.model))
     size = int(base.input_shape[1])
     r = Recipe(input_size=size, batch_size=args.batch_size, seed=args.seed, limit_per_class=args.limit_per_class)
@@ -227,7 +227,7 @@ def fine_tune(args: argparse.Namespace) -> dict:
     qat = make_qat_model(base)
     steps = int(np.ceil(len(train_set) / r.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=max(1, steps * args.epochs))
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=Recipe().label_smoothing)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
     qat.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
 
     # Simulated-int8 accuracy before any update, after a pass that measures activation ranges.
@@ -257,7 +257,7 @@ def fine_tune(args: argparse.Namespace) -> dict:
             train_ds,
             validation_data=val_ds,
             epochs=args.epochs,
-            class_weight=class_weights(train_set.labels, Recipe().class_weight_power),
+            class_weight=class_weights(train_set.labels, r.class_weight_power),
             callbacks=[keras.callbacks.CSVLogger(str(out / "history_qat.csv")), Keep()],
             verbose=2,
         )
