@@ -37,7 +37,7 @@ class TrainError(Exception):
 
 @dataclass
 class Recipe:
-    input_size: int = 96
+    input_size: int = 112  # chosen by measurement: docs/model-card.md, "Choosing the input size"
     batch_size: int = 64
     head_epochs: int = 1
     epochs: int = 24  # fine-tuning epochs after the head
