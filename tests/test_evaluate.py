@@ -59,3 +59,16 @@ def test_missing_model_is_a_one_line_error(setup: tuple[Path, Path, Path], tmp_p
     assert main(["--data", str(npz), "--model", str(tmp_path / "nope.tflite")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nope.tflite'}: model file does not exist"
+
+
+def test_model_its_manifest_does_not_describe_is_a_one_line_error(
+    setup: tuple[Path, Path, Path], tmp_path: Path, capsys
+) -> None:
+    npz, _, tflite = setup
+    copy = tmp_path / "renamed.tflite"
+    copy.write_bytes(tflite.read_bytes())
+    copy.with_suffix(".json").write_text(tflite.with_suffix(".json").read_text())
+    assert main(["--data", str(npz), "--model", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "renamed.tflite" in err and "\n" not in err
+    assert not list(tmp_path.glob("eval_*"))

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import cv2
 import numpy as np
 
+from device.classifier import ModelError
 from device.labels import LABELS
 from training.fer2013 import DatasetError, load
 from training.report import (
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.out:
             write_json_atomic(results, args.out / f"eval_{args.split.lower()}.json")
-    except DatasetError as e:
+    except (DatasetError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -42,7 +42,8 @@ import numpy as np
 
 from training.fer2013 import DatasetError, load
 from training.report import write_json_atomic
-from training.train import Recipe, class_weights, limit, make_datasets
+from training.teacher import TeacherError
+from training.train import Recipe, limit, make_datasets
 
 
 class QatError(Exception):
@@ -217,7 +218,14 @@ def fine_tune(args: argparse.Namespace) -> dict:
     # Models trained before the exact int8 input normalization get it here.
     base = with_exact_normalization(keras.models.load_model(args.model))
     size = int(base.input_shape[1])
-    r = Recipe(input_size=size, batch_size=args.batch_size, seed=args.seed, limit_per_class=args.limit_per_class)
+    r = Recipe(
+        input_size=size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit_per_class=args.limit_per_class,
+        teacher=args.teacher,
+        teacher_weight=args.teacher_weight,
+    )
     data = limit(load(args.data), r.limit_per_class, r.seed)
     train_set, val_set = data.require("Training"), data.require("PublicTest", all_classes=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +240,7 @@ def fine_tune(args: argparse.Namespace) -> dict:
 
     # Simulated-int8 accuracy before any update, after a pass that measures activation ranges.
     calib = train_ds.take(args.calibration_batches)
-    for x, _ in calib:
+    for x, *_ in calib:
         qat(x, training=True)  # updates ranges and BN statistics (no weight update)
     copy_weights(base, qat)  # restore the BN statistics that pass moved; ranges stay measured
     start = qat.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
@@ -257,7 +265,6 @@ def fine_tune(args: argparse.Namespace) -> dict:
             train_ds,
             validation_data=val_ds,
             epochs=args.epochs,
-            class_weight=class_weights(train_set.labels, r.class_weight_power),
             callbacks=[keras.callbacks.CSVLogger(str(out / "history_qat.csv")), Keep()],
             verbose=2,
         )
@@ -271,6 +278,8 @@ def fine_tune(args: argparse.Namespace) -> dict:
         "batch_size": r.batch_size,
         "seed": r.seed,
         "limit_per_class": r.limit_per_class,
+        "teacher": r.teacher,
+        "teacher_weight": r.teacher_weight if r.teacher else 0.0,
         "simulated_int8_val_accuracy_before": float(start),
         "best": best,
         "train_seconds": round(time.time() - t0, 1),
@@ -291,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-batches", type=int, default=20)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--limit-per-class", type=int, default=0)
+    p.add_argument("--teacher", default="", help="distil: soft targets file from training/teacher.py")
+    p.add_argument("--teacher-weight", type=float, default=Recipe.teacher_weight, help="teacher's share of the target")
     args = p.parse_args(argv)
+    if not 0.0 <= args.teacher_weight <= 1.0:
+        p.error("--teacher-weight must be between 0 and 1")
     try:
         fine_tune(args)
-    except (QatError, DatasetError) as e:
+    except (QatError, TeacherError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

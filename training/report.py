@@ -87,10 +87,15 @@ def save_confusion_png(report: dict, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def image_key(image: np.ndarray) -> bytes:
+    """A digest of an image's exact pixels: finds the same face across splits and files."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+
 def seen_in(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Mask of `images` whose exact pixels also occur in `reference` (FER2013 has cross-split duplicates)."""
-    known = {hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in reference}
-    return np.array([hashlib.blake2b(im.tobytes(), digest_size=16).digest() in known for im in images], dtype=bool)
+    known = {image_key(im) for im in reference}
+    return np.array([image_key(im) in known for im in images], dtype=bool)
 
 
 def write_json_atomic(data: dict, path: Path) -> None:

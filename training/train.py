@@ -29,6 +29,7 @@ import numpy as np
 from device.labels import LABELS
 from training.fer2013 import DatasetError, Fer2013, load
 from training.report import classification_report, format_report, save_confusion_png, write_json_atomic
+from training.teacher import TeacherError
 
 
 class TrainError(Exception):
@@ -50,6 +51,9 @@ class Recipe:
     augment: bool = True
     seed: int = 1234
     limit_per_class: int = 0  # 0: all images
+    init: str = ""  # a trained .keras model to start from (no head stage); "": ImageNet backbone
+    teacher: str = ""  # soft targets from training/teacher.py; "": hard labels only
+    teacher_weight: float = 0.7  # share of the teacher's targets in the training target
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class and split")
+    p.add_argument("--init", default="", help="start from this trained .keras model instead of the head stage")
+    p.add_argument("--teacher", default="", help="distil: soft targets file from training/teacher.py")
+    p.add_argument("--teacher-weight", type=float, default=d.teacher_weight, help="teacher's share of the target")
     p.add_argument("--report-split", default="PrivateTest", help="split for the final evaluation report")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small subset, input 32, one short epoch")
@@ -89,6 +96,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         augment=not a.no_augment,
         seed=a.seed,
         limit_per_class=a.limit_per_class,
+        init=a.init,
+        teacher=a.teacher,
+        teacher_weight=a.teacher_weight,
     )
     if a.quick:
         # Small defaults; options given explicitly still win.
@@ -104,6 +114,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
                 setattr(r, attr, value)
     if r.input_size < 32:
         p.error("--input-size must be at least 32 (MobileNetV2's smallest input)")
+    if not 0.0 <= r.teacher_weight <= 1.0:
+        p.error("--teacher-weight must be between 0 and 1")
     return a, r
 
 
@@ -127,7 +139,21 @@ def class_weights(labels: np.ndarray, power: float) -> dict[int, float]:
     return {i: float(w[i]) for i in range(len(LABELS))}
 
 
+def training_targets(train: Fer2013, r: Recipe) -> np.ndarray:
+    """One-hot labels, or with a teacher the mix (1 − w)·label + w·teacher (distillation)."""
+    import keras
+
+    y = keras.utils.to_categorical(train.labels, len(LABELS)).astype(np.float32)
+    if not r.teacher:
+        return y
+    from training.teacher import targets_for
+
+    return ((1.0 - r.teacher_weight) * y + r.teacher_weight * targets_for(r.teacher, train.images)).astype(np.float32)
+
+
 def make_datasets(train: Fer2013, val: Fer2013, r: Recipe):
+    """(training, validation) datasets. Training yields per-image class weights of the hard
+    labels: Keras' class_weight would take the argmax of a teacher's soft target instead."""
     import keras
     import tensorflow as tf
 
@@ -150,14 +176,18 @@ def make_datasets(train: Fer2013, val: Fer2013, r: Recipe):
 
     def ds(data: Fer2013, training: bool):
         x = data.images[..., None].astype(np.float32)
-        y = keras.utils.to_categorical(data.labels, len(LABELS)).astype(np.float32)
-        d = tf.data.Dataset.from_tensor_slices((x, y))
         if training:
+            cw = class_weights(data.labels, r.class_weight_power)
+            w = np.array([cw[int(c)] for c in data.labels], np.float32)
+            d = tf.data.Dataset.from_tensor_slices((x, training_targets(data, r), w))
             d = d.shuffle(len(x), seed=r.seed, reshuffle_each_iteration=True)
+        else:
+            y = keras.utils.to_categorical(data.labels, len(LABELS)).astype(np.float32)
+            d = tf.data.Dataset.from_tensor_slices((x, y))
         d = d.batch(r.batch_size)
         if training and r.augment:
-            d = d.map(lambda a, b: (augment(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
-        d = d.map(lambda a, b: (to_input(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+            d = d.map(lambda a, *rest: (augment(a, training=True), *rest), num_parallel_calls=tf.data.AUTOTUNE)
+        d = d.map(lambda a, *rest: (to_input(a), *rest), num_parallel_calls=tf.data.AUTOTUNE)
         return d.prefetch(tf.data.AUTOTUNE)
 
     return ds(train, True), ds(val, False)
@@ -214,7 +244,17 @@ def make_best_keeper(out: Path, patience: int):
     return BestKeeper
 
 
-def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, weights: dict, out: Path, patience: int) -> None:
+def start_from(model, path: Path) -> None:
+    """Copy a trained model's weights into `model` (continuing, e.g. to distil, skips the head)."""
+    import keras
+
+    try:
+        model.set_weights(keras.models.load_model(path).get_weights())
+    except ValueError as e:
+        raise TrainError(f"{path}: --init model does not match this recipe's model ({e})".splitlines()[0]) from e
+
+
+def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, out: Path, patience: int) -> None:
     import keras
 
     if epochs <= 0:
@@ -226,7 +266,7 @@ def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, weights: dict, o
         keras.callbacks.CSVLogger(str(out / f"history_{stage}.csv"), append=True),
         BestKeeper(stage),
     ]
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=2)
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=2)
 
 
 def train(args: argparse.Namespace, r: Recipe) -> dict:
@@ -238,6 +278,8 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     weights = None if args.weights.lower() == "none" else Path(args.weights)
     if weights is not None and not weights.is_file():
         raise TrainError(f"{weights}: weights file does not exist")
+    if r.init and not Path(r.init).is_file():
+        raise TrainError(f"{r.init}: --init model file does not exist")
     data = limit(load(args.data), r.limit_per_class, r.seed)
     train_set = data.require("Training")
     val_set = data.require("PublicTest", all_classes=False)
@@ -271,14 +313,16 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
 
     t0 = time.time()
     with strategy.scope():
-        model = build_model(r.input_size, weights, dropout=r.dropout)
+        model = build_model(r.input_size, None if r.init else weights, dropout=r.dropout)
         head_done = out / "head.weights.h5"
-        if head_done.exists():
+        if r.init:
+            start_from(model, Path(r.init))
+        elif head_done.exists():
             model.load_weights(head_done)
         else:
             backbone_of(model).trainable = False
             model.compile(keras.optimizers.Adam(r.head_lr), loss=loss, metrics=["accuracy"])
-            stage_fit(model, "head", train_ds, val_ds, r.head_epochs, cw, out, r.patience)
+            stage_fit(model, "head", train_ds, val_ds, r.head_epochs, out, r.patience)
             model.save_weights(head_done)
         backbone_of(model).trainable = True
         schedule = (
@@ -289,7 +333,7 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
             else r.lr
         )
         model.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
-        stage_fit(model, "finetune", train_ds, val_ds, r.epochs, cw, out, r.patience)
+        stage_fit(model, "finetune", train_ds, val_ds, r.epochs, out, r.patience)
     elapsed = time.time() - t0
 
     history = {}
@@ -325,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args, recipe = parse_args(argv)
     try:
         train(args, recipe)
-    except (TrainError, DatasetError) as e:
+    except (TrainError, TeacherError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
