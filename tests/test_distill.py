@@ -145,3 +145,14 @@ def test_unusable_teacher_model_is_a_clear_error(tmp_path: Path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {model.with_suffix('.json')}: describes")
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_unusable_init_model_is_a_clear_error(tmp_path: Path):
+    data = _write_npz(tmp_path / "tiny.npz")
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    out = tmp_path / "o"
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(out), "--quick", "--init", str(junk)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {junk}: not usable as --init")
+    assert not (out / "model.keras").exists()

@@ -251,7 +251,8 @@ def start_from(model, path: Path) -> None:
     try:
         model.set_weights(keras.models.load_model(path).get_weights())
     except ValueError as e:
-        raise TrainError(f"{path}: --init model does not match this recipe's model ({e})".splitlines()[0]) from e
+        # A foreign file and a model of another input size both end here.
+        raise TrainError(f"{path}: not usable as --init for this recipe's model ({e})".splitlines()[0]) from e
 
 
 def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, out: Path, patience: int) -> None:
