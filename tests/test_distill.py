@@ -14,8 +14,7 @@ import pytest
 from device.labels import LABELS
 from tests.test_training import _run, _write_npz
 from training.fer2013 import load
-from training.report import image_key
-from training.teacher import TeacherError, targets_for
+from training.teacher import TeacherError, keys_of, targets_for
 from training.train import Recipe, training_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,7 @@ def _tool(cmd: list[str], *args: str) -> subprocess.CompletedProcess:
 
 
 def _targets_file(path: Path, images: np.ndarray, probs: np.ndarray) -> Path:
-    keys = np.frombuffer(b"".join(image_key(im) for im in images), np.uint8).reshape(-1, 16)
-    np.savez(path, keys=keys, probs=probs.astype(np.float32))
+    np.savez(path, keys=keys_of(images), probs=probs.astype(np.float32))
     return path
 
 

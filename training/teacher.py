@@ -43,6 +43,11 @@ def ensemble_probs(predictors: list, images: np.ndarray) -> np.ndarray:
     return (total / (2 * len(predictors))).astype(np.float32)
 
 
+def keys_of(images: np.ndarray) -> np.ndarray:
+    """Each image's pixel digest as a row of 16 bytes: how a targets file finds its images."""
+    return np.frombuffer(b"".join(image_key(im) for im in images), np.uint8).reshape(-1, 16)
+
+
 def make_targets(data_path: str, models: list[str], out: Path, limit_per_class: int = 0, seed: int = 1234) -> dict:
     from training.evaluate import predictor_for
     from training.train import limit
@@ -56,17 +61,9 @@ def make_targets(data_path: str, models: list[str], out: Path, limit_per_class: 
     predictors = [predictor_for(m)[1] for m in models]
     targets = ensemble_probs(predictors, train_set.images)
     public_accuracy = float((ensemble_probs(predictors, public.images).argmax(1) == public.labels).mean())
-    keys = np.frombuffer(b"".join(image_key(im) for im in train_set.images), np.uint8).reshape(-1, 16)
     tmp = out.with_name(out.stem + ".tmp.npz")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        tmp,
-        keys=keys,
-        probs=targets,
-        models=np.array(models),
-        public_accuracy=np.float32(public_accuracy),
-        training_accuracy=np.float32((targets.argmax(1) == train_set.labels).mean()),
-    )
+    np.savez(tmp, keys=keys_of(train_set.images), probs=targets)
     tmp.replace(out)
     summary = {
         "models": list(models),
