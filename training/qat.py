@@ -43,7 +43,7 @@ import numpy as np
 from training.fer2013 import DatasetError, load
 from training.report import write_json_atomic
 from training.teacher import TeacherError
-from training.train import Recipe, limit, make_datasets
+from training.train import Recipe, fit_data, limit, training_batches, with_input_pipeline
 
 
 class QatError(Exception):
@@ -231,19 +231,20 @@ def fine_tune(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(r.seed)
-    train_ds, val_ds = make_datasets(train_set, val_set, r)
+    d = fit_data(train_set, val_set, r)
     qat = make_qat_model(base)
+    pipeline = with_input_pipeline(qat, r)
     steps = int(np.ceil(len(train_set) / r.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=max(1, steps * args.epochs))
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
-    qat.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
+    pipeline.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
 
     # Simulated-int8 accuracy before any update, after a pass that measures activation ranges.
-    calib = train_ds.take(args.calibration_batches)
-    for x, *_ in calib:
-        qat(x, training=True)  # updates ranges and BN statistics (no weight update)
+    batches = training_batches(d, r)
+    for i in range(min(args.calibration_batches, len(batches))):
+        pipeline(batches[i][0], training=True)  # updates ranges and BN statistics (no weight update)
     copy_weights(base, qat)  # restore the BN statistics that pass moved; ranges stay measured
-    start = qat.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
+    start = pipeline.evaluate(d.val_x, d.val_y, batch_size=r.batch_size, verbose=0, return_dict=True)["accuracy"]
     print(f"[qat] simulated int8 PublicTest accuracy before fine-tuning {start:.4f}", flush=True)
 
     best = {"val_accuracy": float(start), "epoch": 0}
@@ -261,9 +262,10 @@ def fine_tune(args: argparse.Namespace) -> dict:
 
     t0 = time.time()
     if args.epochs > 0:  # 0: only move the model onto the exact input normalization
-        qat.fit(
-            train_ds,
-            validation_data=val_ds,
+        pipeline.fit(
+            batches,
+            validation_data=(d.val_x, d.val_y),
+            validation_batch_size=r.batch_size,
             epochs=args.epochs,
             callbacks=[keras.callbacks.CSVLogger(str(out / "history_qat.csv")), Keep()],
             verbose=2,

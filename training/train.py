@@ -151,68 +151,94 @@ def training_targets(train: Fer2013, r: Recipe) -> np.ndarray:
     return ((1.0 - r.teacher_weight) * y + r.teacher_weight * targets_for(r.teacher, train.images)).astype(np.float32)
 
 
-def make_datasets(train: Fer2013, val: Fer2013, r: Recipe):
-    """(training, validation) datasets. Training yields per-image class weights of the hard
-    labels: Keras' class_weight would take the argmax of a teacher's soft target instead."""
-    import keras
-    import tensorflow as tf
+@dataclass
+class FitData:
+    """Training and validation arrays of 48×48 faces (`training_batches` augments the first,
+    `with_input_pipeline` makes both into the model's input)."""
 
-    size = r.input_size
-    augment = keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=r.seed),
-            keras.layers.RandomRotation(0.03, fill_mode="reflect", seed=r.seed + 1),  # about ±11°
-            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="reflect", seed=r.seed + 2),
-            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=r.seed + 3),
-            keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=r.seed + 4),
-            keras.layers.RandomContrast(0.25, value_range=(0, 255), seed=r.seed + 5),
-        ],
-        name="augment",
+    x: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray  # per image: the hard label's class weight
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+
+def fit_data(train: Fer2013, val: Fer2013, r: Recipe) -> FitData:
+    """Per-image class weights of the hard labels: Keras' class_weight would take the argmax of a
+    teacher's soft target instead."""
+    cw = class_weights(train.labels, r.class_weight_power)
+    return FitData(
+        x=train.images[..., None].astype(np.float32),
+        y=training_targets(train, r),
+        weights=np.array([cw[int(c)] for c in train.labels], np.float32),
+        val_x=val.images[..., None].astype(np.float32),
+        val_y=np.eye(len(LABELS), dtype=np.float32)[val.labels],
     )
 
-    def to_input(x):
-        # Augment at 48×48 (cheap), then upscale to the model's input as the device does.
-        return device_pixels(x, size)
 
-    def ds(data: Fer2013, training: bool):
-        x = data.images[..., None].astype(np.float32)
-        if training:
-            cw = class_weights(data.labels, r.class_weight_power)
-            w = np.array([cw[int(c)] for c in data.labels], np.float32)
-            d = tf.data.Dataset.from_tensor_slices((x, training_targets(data, r), w))
-            d = d.shuffle(len(x), seed=r.seed, reshuffle_each_iteration=True)
-        else:
-            y = keras.utils.to_categorical(data.labels, len(LABELS)).astype(np.float32)
-            d = tf.data.Dataset.from_tensor_slices((x, y))
-        d = d.batch(r.batch_size)
-        if training and r.augment:
-            d = d.map(lambda a, *rest: (augment(a, training=True), *rest), num_parallel_calls=tf.data.AUTOTUNE)
-        d = d.map(lambda a, *rest: (to_input(a), *rest), num_parallel_calls=tf.data.AUTOTUNE)
-        return d.prefetch(tf.data.AUTOTUNE)
+def training_batches(d: FitData, r: Recipe):
+    """Shuffled training batches (faces, target, weight), augmented on the host (training/augment.py)
+    for Keras' fit on any backend. A batch's randomness comes from (seed, epoch, batch) alone, so
+    the worker threads that make batches ahead change nothing."""
+    import keras
 
-    return ds(train, True), ds(val, False)
+    from training.augment import augment_batch
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=max(1, min(8, (os.cpu_count() or 1) // 2)), use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(d.x) / r.batch_size))
+
+        def __getitem__(self, i: int):
+            order = np.random.default_rng([r.seed, self.epoch]).permutation(len(d.x))
+            idx = np.sort(order[i * r.batch_size : (i + 1) * r.batch_size])
+            x = d.x[idx]
+            if r.augment:
+                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]))
+            return x, d.y[idx], d.weights[idx]
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return Batches()
+
+
+def with_input_pipeline(model, r: Recipe):
+    """`model` behind the device's input step: 48×48 faces in, upscaled and rounded as the device
+    makes them. Built from Keras ops, it compiles into the training step on any backend
+    (TensorFlow on a CPU, JAX on a GPU)."""
+    import keras
+
+    inputs = keras.Input((48, 48, 1), name="face48")
+    return keras.Model(inputs, model(device_pixels(inputs, r.input_size)), name=f"train_{model.name}")
 
 
 def device_pixels(x, size: int):
     """48×48 faces (float, batched) → the model's input as the device makes it: bilinear upscale,
     then whole gray levels 0..255. The device's resized faces are uint8; a model trained on the
     unrounded values lost 0.8 PublicTest points to that rounding alone (docs/model-card.md)."""
-    import tensorflow as tf
+    from keras import ops
 
-    return tf.clip_by_value(tf.round(tf.image.resize(x, (size, size), method="bilinear")), 0.0, 255.0)
+    return ops.clip(ops.round(ops.image.resize(x, (size, size), interpolation="bilinear")), 0.0, 255.0)
 
 
 def predict_probs(model, images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+    from keras import ops
+
     out = []
     for i in range(0, len(images), batch):
         x = device_pixels(images[i : i + batch, ..., None].astype(np.float32), size)
-        out.append(model(x, training=False).numpy())
+        out.append(ops.convert_to_numpy(model(x, training=False)))
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
-def make_best_keeper(out: Path, patience: int):
-    """Keep the best model by PublicTest accuracy across stages and resumes (Keras' own
-    ModelCheckpoint and EarlyStopping forget their best value when a run is resumed)."""
+def make_best_keeper(out: Path, patience: int, model):
+    """Keep the best `model` (the network inside the training pipeline) by PublicTest accuracy
+    across stages and resumes (Keras' own ModelCheckpoint and EarlyStopping forget their best
+    value when a run is resumed)."""
     import keras
 
     class BestKeeper(keras.callbacks.Callback):
@@ -232,7 +258,7 @@ def make_best_keeper(out: Path, patience: int):
             best = self._state()
             if acc > best["val_accuracy"]:
                 tmp = out / "model.tmp.keras"
-                self.model.save(tmp)
+                model.save(tmp)
                 tmp.replace(out / "model.keras")
                 best = {"val_accuracy": acc, "stage": self.stage, "epoch": epoch + 1}
                 write_json_atomic(best, self.state_file)
@@ -255,24 +281,45 @@ def start_from(model, path: Path) -> None:
         raise TrainError(f"{path}: not usable as --init for this recipe's model ({e})".splitlines()[0]) from e
 
 
-def stage_fit(model, stage: str, train_ds, val_ds, epochs: int, out: Path, patience: int) -> None:
+def stage_fit(pipeline, model, stage: str, d: FitData, r: Recipe, epochs: int, out: Path) -> None:
     import keras
 
     if epochs <= 0:
         return
-    BestKeeper = make_best_keeper(out, patience)
+    BestKeeper = make_best_keeper(out, r.patience, model)
     callbacks = [
         # Saves weights, optimizer and epoch every epoch; deleted once the stage finishes.
         keras.callbacks.BackupAndRestore(str(out / "checkpoints" / stage)),
         keras.callbacks.CSVLogger(str(out / f"history_{stage}.csv"), append=True),
         BestKeeper(stage),
     ]
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+    pipeline.fit(
+        training_batches(d, r),
+        validation_data=(d.val_x, d.val_y),
+        validation_batch_size=r.batch_size,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=2,
+    )
+
+
+def distribution_scope():
+    """Several GPUs under TensorFlow: replicate. One device (a CPU, or one GPU under JAX, the
+    backend an accelerator machine without TensorFlow trains with): the default."""
+    import contextlib
+
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()).scope()
 
 
 def train(args: argparse.Namespace, r: Recipe) -> dict:
     import keras
-    import tensorflow as tf
 
     from training.model import backbone_of, build_model
 
@@ -299,10 +346,7 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     write_json_atomic(config, config_file)
 
     keras.utils.set_random_seed(r.seed)
-    # Several GPUs: replicate; otherwise the default strategy (this machine's CPU).
-    gpus = tf.config.list_logical_devices("GPU")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    train_ds, val_ds = make_datasets(train_set, val_set, r)
+    d = fit_data(train_set, val_set, r)
     cw = class_weights(train_set.labels, r.class_weight_power)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
     steps = int(np.ceil(len(train_set) / r.batch_size))
@@ -313,8 +357,9 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     )
 
     t0 = time.time()
-    with strategy.scope():
+    with distribution_scope():
         model = build_model(r.input_size, None if r.init else weights, dropout=r.dropout)
+        pipeline = with_input_pipeline(model, r)
         head_done = out / "head.weights.h5"
         if r.init:
             start_from(model, Path(r.init))
@@ -322,8 +367,8 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
             model.load_weights(head_done)
         else:
             backbone_of(model).trainable = False
-            model.compile(keras.optimizers.Adam(r.head_lr), loss=loss, metrics=["accuracy"])
-            stage_fit(model, "head", train_ds, val_ds, r.head_epochs, out, r.patience)
+            pipeline.compile(keras.optimizers.Adam(r.head_lr), loss=loss, metrics=["accuracy"])
+            stage_fit(pipeline, model, "head", d, r, r.head_epochs, out)
             model.save_weights(head_done)
         backbone_of(model).trainable = True
         schedule = (
@@ -333,8 +378,8 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
             if r.epochs > 0
             else r.lr
         )
-        model.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
-        stage_fit(model, "finetune", train_ds, val_ds, r.epochs, out, r.patience)
+        pipeline.compile(keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
+        stage_fit(pipeline, model, "finetune", d, r, r.epochs, out)
     elapsed = time.time() - t0
 
     history = {}
