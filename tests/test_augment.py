@@ -40,7 +40,7 @@ def test_same_seed_same_batch_other_seed_other_batch():
 
 
 def test_contrast_both_lowers_and_raises():
-    # Keras 3.15's RandomContrast(0.25) draws its factor from [1.25, 1.25]: only ever raises.
+    # Keras 3.15's RandomContrast(0.25) draws its factor from [1.0, 1.25]: it only ever raises.
     x = np.full((200, 48, 48, 1), 100.0, np.float32)
     x[:, ::2] = 140.0
     out = augment_batch(x, np.random.default_rng(5), Augmentation(rotation=0, shift=0, zoom=0, brightness=0))
