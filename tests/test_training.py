@@ -35,8 +35,8 @@ def _write_npz(path: Path, per_class: int = 6) -> Path:
     return path
 
 
-def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+def _run(args: list[str], backend: str = "tensorflow", **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": backend}
     return subprocess.run(TRAIN + args, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
@@ -124,6 +124,31 @@ def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tm
     assert list(face["probabilities"]) == list(LABELS)
     assert sum(face["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
     assert face["emotion"] == max(face["probabilities"], key=face["probabilities"].get)
+
+
+def test_a_model_trained_on_jax_scores_the_same_and_converts_on_tensorflow(data: Path, tmp_path: Path):
+    """A GPU machine without TensorFlow trains with KERAS_BACKEND=jax; the model comes back to
+    TensorFlow for the quantization-aware step and the converter."""
+    pytest.importorskip("jax")
+    import keras
+
+    from training.train import predict_probs
+
+    out = tmp_path / "jax"
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(out), "--quick"], backend="jax")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "train_config.json").read_text())["recipe"]["input_size"] == 32
+    report = json.loads((out / "report.json").read_text())  # PrivateTest, computed under JAX
+    assert keras.backend.backend() == "tensorflow"
+    model = keras.models.load_model(out / "model.keras")
+    with np.load(data) as f:
+        private = f["split"] == 2
+        images, labels = f["x"][private], f["y"][private]
+    accuracy = float((predict_probs(model, images, 32).argmax(1) == labels).mean())
+    assert abs(accuracy - report["accuracy"]) <= 1 / len(labels)  # at most one near-tie flips
+    r = convert_quick(out / "model.keras", data, tmp_path / "jax_int8.tflite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "jax_int8.tflite").stat().st_size > 0
 
 
 def test_quick_model_honours_the_contract(quick_run: Path):
