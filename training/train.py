@@ -6,7 +6,8 @@
 
 Schedule: the head alone on a frozen backbone, then the whole network at a lower, cosine-
 decayed learning rate. Model selection and early stopping use PublicTest; the final report
-is on --report-split (PrivateTest). An interrupted run continues with --resume.
+is on --report-split (PrivateTest). An interrupted run continues with --resume. Any Keras 3
+backend trains: KERAS_BACKEND=jax on a GPU machine without TensorFlow (README).
 """
 
 from __future__ import annotations
