@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -52,16 +53,12 @@ def test_contrast_both_lowers_and_raises():
 def test_a_shift_moves_the_face_by_that_many_pixels():
     img = np.zeros((48, 48), np.float32)
     img[20, 10] = 255.0
-    import cv2
-
     m = affine_matrix(48, 0.0, (5.0, -3.0), 1.0)
     out = cv2.warpAffine(img, m, (48, 48), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
     assert np.unravel_index(out.argmax(), out.shape) == (17, 15)
 
 
 def test_zoom_above_one_makes_the_face_smaller():
-    import cv2
-
     img = np.zeros((48, 48), np.float32)
     img[14:34, 14:34] = 255.0  # a 20-pixel square in the middle
     out = cv2.warpAffine(img, affine_matrix(48, 0.0, (0, 0), 1.1), (48, 48), flags=cv2.WARP_INVERSE_MAP)
@@ -69,8 +66,6 @@ def test_zoom_above_one_makes_the_face_smaller():
 
 
 def test_rotation_is_about_the_centre():
-    import cv2
-
     img = np.zeros((48, 48), np.float32)
     img[23:25, 23:25] = 255.0  # the centre stays put
     img[23:25, 40] = 255.0  # a point to the right moves off its row

@@ -1,12 +1,13 @@
 """Training augmentation of 48×48 faces, on the host with OpenCV.
 
-The distribution is the one the models were first trained with as Keras layers (RandomFlip,
-RandomRotation(0.03), RandomTranslation(0.08), RandomZoom(0.1), all with reflected borders, then
-RandomBrightness(0.15) and RandomContrast(0.25) on 0..255). Why not those layers: under JAX their
-three separate affine resamplings made a GPU training step 650 ms against 12 ms without them (H100,
-docs/model-card.md), and each resampling blurs the face once more. Here flip, rotation, shift and
-zoom compose into one matrix and one bilinear warp per face, which costs microseconds on a CPU and
-leaves the accelerator the network alone.
+The recipe the models were first trained with as Keras layers (RandomFlip, RandomRotation(0.03),
+RandomTranslation(0.08), RandomZoom(0.1), all with reflected borders, then RandomBrightness(0.15)
+and RandomContrast(0.25) on 0..255), except that contrast spans 1 ± 0.25 as meant: Keras 3.15's
+layer only ever raised it (factor 1.0..1.25). Why not those layers: under JAX their three
+separate affine resamplings made a GPU training step 650 ms against 12 ms without them (H100,
+docs/model-card.md), and each resampling blurs the face once more. Here a flip mirrors the face
+exactly, then rotation, shift and zoom compose into one matrix and one bilinear warp per face,
+which costs microseconds on a CPU and leaves the accelerator the network alone.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def augment_batch(faces: np.ndarray, rng: np.random.Generator, aug: Augmentation
 
     `faces`: float32 (n, h, w, 1) or (n, h, w) gray levels 0..255 with h == w; returns the same
     shape, float32, within 0..255."""
-    x = faces.reshape(faces.shape[:3]).astype(np.float32, copy=False)
+    x = np.ascontiguousarray(faces.reshape(faces.shape[:3]), dtype=np.float32)
     n, size = len(x), x.shape[1]
     flip = rng.random(n) < 0.5
     angle = rng.uniform(-aug.rotation, aug.rotation, n) * 2 * np.pi
@@ -49,10 +50,10 @@ def augment_batch(faces: np.ndarray, rng: np.random.Generator, aug: Augmentation
     zoom = 1.0 + rng.uniform(-aug.zoom, aug.zoom, n)
     out = np.empty_like(x)
     for i in range(n):
-        src = x[i, :, ::-1] if flip[i] else x[i]
+        src = np.ascontiguousarray(x[i, :, ::-1]) if flip[i] else x[i]  # an exact mirror, not resampled
         m = affine_matrix(size, angle[i], (shift[i, 0], shift[i, 1]), zoom[i])
         out[i] = cv2.warpAffine(
-            np.ascontiguousarray(src),
+            src,
             m,
             (size, size),
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,

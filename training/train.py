@@ -13,6 +13,7 @@ backend trains: KERAS_BACKEND=jax on a GPU machine without TensorFlow (README).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -188,6 +189,10 @@ def training_batches(d: FitData, r: Recipe):
 
     from training.augment import augment_batch
 
+    @functools.lru_cache(maxsize=2)  # the epoch being made, and the next one fetched ahead
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([r.seed, epoch]).permutation(len(d.x))
+
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=max(1, min(8, (os.cpu_count() or 1) // 2)), use_multiprocessing=False)
@@ -197,8 +202,7 @@ def training_batches(d: FitData, r: Recipe):
             return int(np.ceil(len(d.x) / r.batch_size))
 
         def __getitem__(self, i: int):
-            order = np.random.default_rng([r.seed, self.epoch]).permutation(len(d.x))
-            idx = np.sort(order[i * r.batch_size : (i + 1) * r.batch_size])
+            idx = np.sort(order(self.epoch)[i * r.batch_size : (i + 1) * r.batch_size])
             x = d.x[idx]
             if r.augment:
                 x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]))
