@@ -108,3 +108,35 @@ def test_batches_are_augmented_only_when_the_recipe_says(augment: bool):
     d = _fit_data(32)
     x, _, w = training_batches(d, Recipe(batch_size=32, augment=augment))[0]
     assert np.array_equal(x, d.x[w.astype(int)]) is not augment
+
+
+def test_random_erasing_blanks_one_rectangle_of_one_gray_per_face():
+    x = _faces(64)
+    plain = augment_batch(x, np.random.default_rng(7), NONE)
+    erased = augment_batch(x, np.random.default_rng(7), Augmentation(0, 0, 0, 0, 0, erase=1.0))
+    for before, after in zip(plain[..., 0], erased[..., 0], strict=True):
+        rows, cols = np.nonzero(before != after)
+        box = after[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert np.all(box == box[0, 0])  # one rectangle, one gray level, nothing outside it
+        assert len(rows) == box.size
+        assert 0.01 <= box.size / before.size <= 0.21
+
+
+def test_random_erasing_hits_its_share_of_faces_and_leaves_the_other_draws_alone():
+    x = _faces(400)
+    plain = augment_batch(x, np.random.default_rng(8))
+    erased = augment_batch(x, np.random.default_rng(8), Augmentation(erase=0.5))
+    hit = np.any(plain != erased, axis=(1, 2, 3))
+    assert 0.4 < hit.mean() < 0.6
+    # Faces it skipped are the very faces augmentation without erasing makes from the same seed.
+    assert np.array_equal(plain[~hit], erased[~hit])
+
+
+def test_the_recipes_erase_reaches_the_batches():
+    d = _fit_data(64)
+    plain, _, w = training_batches(d, Recipe(batch_size=64))[0]
+    erased, _, w2 = training_batches(d, Recipe(batch_size=64, erase=1.0))[0]
+    assert np.array_equal(w, w2)
+    for before, after in zip(plain, erased, strict=True):
+        changed = after[before != after]
+        assert changed.size > 0 and np.all(changed == changed[0])  # each face: one flat patch

@@ -214,6 +214,26 @@ def test_resume_refuses_a_different_recipe(data, quick_run: Path):
     assert r.returncode == 2 and "different recipe" in r.stderr
 
 
+def test_resume_accepts_a_run_from_before_a_recipe_field_existed(data, quick_run: Path, tmp_path: Path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(quick_run, old)
+    config = json.loads((old / "train_config.json").read_text())
+    del config["recipe"]["erase"]  # as written before random erasing existed
+    (old / "train_config.json").write_text(json.dumps(config))
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(old), "--quick", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(old), "--quick", "--resume", "--erase", "0.5"])
+    assert r.returncode == 2 and "different recipe" in r.stderr
+
+
+def test_erase_outside_0_to_1_is_a_clear_error(data, tmp_path: Path):
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(tmp_path / "o"), "--quick", "--erase", "1.5"])
+    assert r.returncode == 2 and "--erase must be between 0 and 1" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_class_weights_favour_rare_classes_and_average_one():
     labels = np.array([0] * 90 + [1] * 10)
     w = class_weights(labels, 0.5)

@@ -25,6 +25,8 @@ class Augmentation:
     zoom: float = 0.1  # sampled area grows or shrinks by up to this fraction of the side
     brightness: float = 0.15  # fraction of 255 added or removed
     contrast: float = 0.25  # spread around the face's mean scaled by 1 ± this
+    erase: float = 0.0  # chance that a face gets one rectangle blanked (random erasing)
+    erase_area: tuple[float, float] = (0.02, 0.2)  # that rectangle's share of the face
 
 
 def affine_matrix(size: int, angle: float, shift: tuple[float, float], zoom: float) -> np.ndarray:
@@ -37,8 +39,26 @@ def affine_matrix(size: int, angle: float, shift: tuple[float, float], zoom: flo
     return np.hstack([a, b[:, None]])
 
 
+def erase_rectangles(faces: np.ndarray, rng: np.random.Generator, aug: Augmentation) -> None:
+    """Random erasing (Zhong et al., 2017), in place: with chance `aug.erase` a face gets one
+    rectangle of `aug.erase_area` of its area, aspect 0.3..3.3, set to one random gray level.
+    Hiding a mouth or an eye makes the model use the rest of the face instead of one cue."""
+    n, size = faces.shape[0], faces.shape[1]
+    hit = rng.random(n) < aug.erase
+    area = rng.uniform(*aug.erase_area, n) * size * size
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), n))
+    h = np.clip(np.rint(np.sqrt(area * aspect)), 1, size).astype(int)
+    w = np.clip(np.rint(np.sqrt(area / aspect)), 1, size).astype(int)
+    top = (rng.random(n) * (size - h + 1)).astype(int)
+    left = (rng.random(n) * (size - w + 1)).astype(int)
+    gray = rng.uniform(0.0, 255.0, n)
+    for i in np.flatnonzero(hit):
+        faces[i, top[i] : top[i] + h[i], left[i] : left[i] + w[i]] = gray[i]
+
+
 def augment_batch(faces: np.ndarray, rng: np.random.Generator, aug: Augmentation = Augmentation()) -> np.ndarray:
-    """Random flip, rotation, shift and zoom (one warp), brightness and contrast, per face.
+    """Random flip, rotation, shift and zoom (one warp), brightness and contrast, per face; then,
+    if `aug.erase`, random erasing.
 
     `faces`: float32 (n, h, w, 1) or (n, h, w) gray levels 0..255 with h == w; returns the same
     shape, float32, within 0..255."""
@@ -63,4 +83,6 @@ def augment_batch(faces: np.ndarray, rng: np.random.Generator, aug: Augmentation
     mean = out.mean(axis=(1, 2), keepdims=True)
     factor = (1.0 + rng.uniform(-aug.contrast, aug.contrast, n))[:, None, None]
     out = np.clip((out - mean) * factor + mean, 0.0, 255.0)
+    if aug.erase > 0:  # drawn last, so the other draws (and outputs without it) stay as they were
+        erase_rectangles(out, rng, aug)
     return out.reshape(faces.shape).astype(np.float32, copy=False)

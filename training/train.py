@@ -51,11 +51,16 @@ class Recipe:
     dropout: float = 0.3
     patience: int = 8
     augment: bool = True
+    erase: float = 0.0  # random erasing: chance per training face (training/augment.py)
     seed: int = 1234
     limit_per_class: int = 0  # 0: all images
     init: str = ""  # a trained .keras model to start from (no head stage); "": ImageNet backbone
     teacher: str = ""  # soft targets from training/teacher.py; "": hard labels only
     teacher_weight: float = 0.7  # share of the teacher's targets in the training target
+
+
+# Recipe fields added after runs were made, with the value those runs had: they still resume.
+RECIPE_ADDED = {"erase": 0.0}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
@@ -75,6 +80,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--erase", type=float, default=d.erase, help="random erasing: chance per training face")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class and split")
     p.add_argument("--init", default="", help="start from this trained .keras model instead of the head stage")
@@ -96,6 +102,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         dropout=a.dropout,
         patience=a.patience,
         augment=not a.no_augment,
+        erase=a.erase,
         seed=a.seed,
         limit_per_class=a.limit_per_class,
         init=a.init,
@@ -118,6 +125,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         p.error("--input-size must be at least 32 (MobileNetV2's smallest input)")
     if not 0.0 <= r.teacher_weight <= 1.0:
         p.error("--teacher-weight must be between 0 and 1")
+    if not 0.0 <= r.erase <= 1.0:
+        p.error("--erase must be between 0 and 1")
     return a, r
 
 
@@ -187,7 +196,7 @@ def training_batches(d: FitData, r: Recipe):
     that epoch, harmless to SGD. A resumed run starts the shuffles again from epoch 0."""
     import keras
 
-    from training.augment import augment_batch
+    from training.augment import Augmentation, augment_batch
 
     @functools.lru_cache(maxsize=2)  # the epoch being made, and the next one fetched ahead
     def order(epoch: int) -> np.ndarray:
@@ -205,7 +214,7 @@ def training_batches(d: FitData, r: Recipe):
             idx = np.sort(order(self.epoch)[i * r.batch_size : (i + 1) * r.batch_size])
             x = d.x[idx]
             if r.augment:
-                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]))
+                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]), Augmentation(erase=r.erase))
             return x, d.y[idx], d.weights[idx]
 
         def on_epoch_end(self) -> None:
@@ -347,7 +356,7 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     config = {"recipe": asdict(r), "data": str(args.data), "weights": str(args.weights), "counts": data.counts()}
     if args.resume and config_file.exists():
         previous = json.loads(config_file.read_text())
-        if previous["recipe"] != config["recipe"]:
+        if {**RECIPE_ADDED, **previous["recipe"]} != config["recipe"]:
             raise TrainError(f"{config_file}: --resume with a different recipe; use the same options or a new --out")
     elif (out / "model.keras").exists() and not args.resume:
         raise TrainError(f"{out}: already holds a trained model; pass --resume to continue or choose a new --out")
