@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_batches_are_augmented_only_when_the_recipe_says(augment: bool):
 def test_random_erasing_blanks_one_rectangle_of_one_gray_per_face():
     x = _faces(64)
     plain = augment_batch(x, np.random.default_rng(7), NONE)
-    erased = augment_batch(x, np.random.default_rng(7), Augmentation(0, 0, 0, 0, 0, erase=1.0))
+    erased = augment_batch(x, np.random.default_rng(7), replace(NONE, erase=1.0))
     for before, after in zip(plain[..., 0], erased[..., 0], strict=True):
         rows, cols = np.nonzero(before != after)
         box = after[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]

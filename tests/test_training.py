@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,8 +216,6 @@ def test_resume_refuses_a_different_recipe(data, quick_run: Path):
 
 
 def test_resume_accepts_a_run_from_before_a_recipe_field_existed(data, quick_run: Path, tmp_path: Path):
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(quick_run, old)
     config = json.loads((old / "train_config.json").read_text())

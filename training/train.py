@@ -198,6 +198,8 @@ def training_batches(d: FitData, r: Recipe):
 
     from training.augment import Augmentation, augment_batch
 
+    aug = Augmentation(erase=r.erase)
+
     @functools.lru_cache(maxsize=2)  # the epoch being made, and the next one fetched ahead
     def order(epoch: int) -> np.ndarray:
         return np.random.default_rng([r.seed, epoch]).permutation(len(d.x))
@@ -214,7 +216,7 @@ def training_batches(d: FitData, r: Recipe):
             idx = np.sort(order(self.epoch)[i * r.batch_size : (i + 1) * r.batch_size])
             x = d.x[idx]
             if r.augment:
-                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]), Augmentation(erase=r.erase))
+                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]), aug)
             return x, d.y[idx], d.weights[idx]
 
         def on_epoch_end(self) -> None:
