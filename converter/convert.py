@@ -108,6 +108,16 @@ def _check_arguments(
         raise ConvertError(f"{model}: model file does not exist")
     if not data.exists():
         raise ConvertError(f"{data}: data path does not exist")
+    # A report written over one of these would silently replace a file the user needs.
+    taken = {
+        out: "the output model",
+        manifest_path(out): "the output's manifest",
+        model: "the input model",
+        data: "the data",
+    }
+    for path, what in taken.items():
+        if report.resolve() == path.resolve():
+            raise ConvertError(f"{report}: --report would overwrite {what}; choose another path")
     _writable_dir(out.parent, "model")
     _writable_dir(report.parent, "report")
 

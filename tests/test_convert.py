@@ -461,6 +461,8 @@ def test_unwritable_output_and_bad_options(keras_file: Path, npz: Path, broken: 
         (["--out", "m.tflite", "--report", broken["a_file"] / "r.json"], "cannot write the report there"),
         (["--out", "m.tflite", "--calibration-size", "0"], "--calibration-size must be at least 1, got 0"),
         (["--out", "m.tflite", "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--out", "m.tflite", "--report", "m.json"], "m.json: --report would overwrite the output's manifest"),
+        (["--out", "m.tflite", "--report", keras_file], "--report would overwrite the input model"),
     ]
     for extra, needle in checks:
         run = run_cli("--model", keras_file, "--data", npz, *extra)
