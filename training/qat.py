@@ -17,7 +17,9 @@ rounding simulated in the forward pass and passed straight through in the backwa
   residual Adds and after pooling, asymmetric 8-bit over a range that follows the batches'
   min/max by moving average, as calibration would measure it.
 
-Training data are made as in `train.py` (augmented, upscaled, rounded to whole gray levels). A
+Training data are made as in `train.py` (augmented, upscaled, rounded to whole gray levels), with
+`train.py`'s default augmentation whatever the model was trained with (no random erasing: this
+step adapts the model to int8 on the usual faces, it does not continue the training recipe). A
 model trained before `training/model.py` had its exact int8 input normalization is moved onto
 it first (`--epochs 0` does only that). The output is a plain model (same layers, same contract,
 no fake-quant ops), so `converter/convert.py` converts it unchanged. Selection is by PublicTest
