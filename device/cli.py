@@ -12,15 +12,17 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device import __version__
+from device import __version__, images
 from device.classifier import Classifier, ModelError, resolve_model_path, to_gray
 from device.config import Config, ConfigError, load
 from device.events import normalised_box, rounded_probabilities
+from device.signals import SignalThread
 
 log = logging.getLogger("serenbox")
 
@@ -110,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     detector = build_detector(cfg.detector)
     sinks = build_sinks(cfg, args.print_events)
     notifier = Notifier()
+    _check_debug_dir(cfg)
     pipeline = Pipeline(
         cfg,
         source,
@@ -121,13 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         reload=lambda: load_config(args.config, args.source),
         detector_factory=build_detector,
     )
-    _install_signal_handlers(pipeline)
+    signals = _signal_thread(pipeline).start()
     for sink in sinks:
         sink.start()
     try:
         reason = pipeline.run()
     except CameraError as e:
-        # The first open failed (a live source is reopened after that), or a file broke mid-run.
+        # A file or folder broke mid-run (live sources are reopened instead).
         raise UsageError(f"camera.source: {e}") from None
     finally:
         for sink in sinks:
@@ -136,13 +139,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             except Exception:
                 log.exception("closing sink %s failed", type(sink).__name__)
         notifier.close()
+        signals.close()
+    _explain_no_events(pipeline, cfg)
     log.info("done: %s", reason)
-    return EXIT_OK
+    return EXIT_FAILED if pipeline.failure else EXIT_OK
 
 
-def _install_signal_handlers(pipeline: Any) -> None:
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
+def _check_debug_dir(cfg: Config) -> None:
+    """debug.save_crops writes faces to disk: say so at start, and fail now, not at the first face."""
+    if not cfg.debug.save_crops or not cfg.debug.dir:
+        return
+    folder = Path(cfg.debug.dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
+            pass
+    except OSError as e:
+        raise UsageError(f"debug.dir: cannot write face crops to {folder} ({e.strerror or e})") from None
+    log.warning("debug.save_crops is on: face crops are written to %s", folder)
+
+
+def _explain_no_events(pipeline: Any, cfg: Config) -> None:
+    # Separate photos in a folder are single frames: the tracker never sees a face twice.
+    if pipeline.faces_seen and not pipeline.events_emitted:
+        log.warning(
+            "%d face(s) seen in %d frame(s) but no events: a face becomes a track after "
+            "tracker.confirm_frames=%d consecutive frames; for separate photos use `serenbox classify`",
+            pipeline.faces_seen,
+            pipeline.frames,
+            cfg.tracker.confirm_frames,
+        )
+
+
+def _signal_thread(pipeline: Any) -> SignalThread:
+    """Stop and reload run in a thread of their own, never inside a signal handler (device/signals.py)."""
+
+    def stop() -> None:
+        log.info("stop signal: stopping")
         pipeline.stop()
         # The loop stops between frames; if a camera read hangs in C code it never gets there.
         # Exiting late breaks systemd's stop timeout, so give up on a clean stop after a deadline.
@@ -150,13 +183,11 @@ def _install_signal_handlers(pipeline: Any) -> None:
         timer.daemon = True
         timer.start()
 
-    def reload(_signum: int, _frame: Any) -> None:
+    def reload() -> None:
         log.info("SIGHUP: reloading the configuration")
         pipeline.request_reload()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload)
+    return SignalThread({signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload})
 
 
 def _stop_deadline_passed() -> None:
@@ -177,12 +208,11 @@ def check_image_path(path: str) -> None:
 
 
 def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config) -> dict[str, Any]:
-    import cv2
-
     check_image_path(path)
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UsageError(f"{path}: not a readable image")
+    try:
+        image, (full_width, full_height) = images.read(path)
+    except images.ImageError as e:
+        raise UsageError(str(e)) from None
     gray = to_gray(image)
     height, width = gray.shape[:2]
     faces = detector.detect(gray)
@@ -202,7 +232,7 @@ def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config
                 "probabilities": probabilities,
             }
         )
-    return {"image": path, "width": width, "height": height, "faces": out}
+    return {"image": path, "width": full_width, "height": full_height, "faces": out}
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

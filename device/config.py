@@ -3,12 +3,19 @@
 The YAML mirrors these dataclasses. An unknown key, a wrong type or an out-of-range value
 raises `ConfigError` naming the dotted key (for example `camera.fps`). Secrets may come from
 the environment: `SERENBOX_MQTT_USERNAME` / `SERENBOX_MQTT_PASSWORD` override the file.
+
+A box runs unattended for months, so a value that would crash it later, or silently do the
+wrong thing (a NaN, an identifier the broker drops, a path that is empty), is refused here, once,
+with one line. The YAML reader is bounded too: no aliases (a "billion laughs" file), no nesting
+deeper than any real configuration, no duplicate keys (which one would win?), at most 1 MiB.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +29,28 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key."""
 
 
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 20  # real configurations nest 3 deep
+# Frames per second: below this a frame every 10 s is as good as paused, and the loop must still
+# come round to commands, the watchdog and stats (camera.fps and the `fps` command).
+MIN_FPS, MAX_FPS = 0.1, 120.0
+SHOW_CHARS = 60  # of a bad value in an error message: enough to recognise it, never megabytes
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def show(value: Any, limit: int = SHOW_CHARS) -> str:
+    """A value for an error message, cut short: a 1 MB string or a huge structure stays one line."""
+    if isinstance(value, dict | list):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _f(default: Any, **check: Any) -> Any:
@@ -36,7 +63,7 @@ def _f(default: Any, **check: Any) -> Any:
 @dataclass
 class ModelConfig:
     # None: the model that ships inside the package (device/models/).
-    path: str | None = None
+    path: str | None = _f(None, kind="path")
     num_threads: int = _f(1, **_range(1, 64))
     # Average each face with its mirror image: more accurate, twice the classification time.
     flip_tta: bool = False
@@ -45,8 +72,8 @@ class ModelConfig:
 @dataclass
 class CameraConfig:
     # "picamera2", "demo", a /dev/video index ("0") or path, a video file, an rtsp/http URL, or an image folder.
-    source: str = "demo"
-    fps: float = _f(10.0, **_range(0, 120, lo_open=True))
+    source: str = _f("picamera2", kind="text")
+    fps: float = _f(10.0, **_range(MIN_FPS, MAX_FPS))
     width: int = _f(640, **_range(16, 8192))
     height: int = _f(480, **_range(16, 8192))
     reopen_initial_s: float = _f(1.0, **_range(0, 600, lo_open=True))
@@ -76,29 +103,29 @@ class TrackerConfig:
 @dataclass
 class TlsConfig:
     enabled: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    ca_file: str | None = _f(None, kind="path")
+    cert_file: str | None = _f(None, kind="path")
+    key_file: str | None = _f(None, kind="path")
     insecure: bool = False  # skip certificate verification (testing only)
 
 
 @dataclass
 class SpoolConfig:
-    path: str | None = None  # None: <state_dir>/spool.sqlite
+    path: str | None = _f(None, kind="path")  # None: <state_dir>/spool.sqlite
     max_events: int = _f(100_000, **_range(1, 10_000_000))
     max_age_s: float = _f(7 * 24 * 3600.0, **_range(1, 365 * 24 * 3600.0))
 
 
 @dataclass
 class MqttConfig:
-    host: str | None = None  # None: no MQTT; events go to stdout
+    host: str | None = _f(None, kind="host")  # None: no MQTT; events go to stdout
     port: int = _f(1883, **_range(1, 65535))
-    topic_prefix: str = "serenbox"
-    client_id: str | None = None  # None: serenbox-<device_id>
+    topic_prefix: str = _f("serenbox", kind="topic")
+    client_id: str | None = _f(None, kind="text", max_len=128)  # None: serenbox-<device_id>
     keepalive: int = _f(30, **_range(5, 3600))
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    username: str | None = None
-    password: str | None = None
+    username: str | None = _f(None, kind="text", max_len=1024)
+    password: str | None = _f(None, kind="secret", max_len=1024)
     tls: TlsConfig = field(default_factory=TlsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     state_interval_s: float = _f(5.0, **_range(0.1, 3600))
@@ -111,15 +138,15 @@ class MqttConfig:
 class DebugConfig:
     # Frames and face crops never touch disk unless an operator turns this on explicitly.
     save_crops: bool = False
-    dir: str | None = None
+    dir: str | None = _f(None, kind="path")
 
 
 @dataclass
 class Config:
-    device_id: str = "serenbox"
+    device_id: str = _f("serenbox", kind="device_id")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # systemd's StateDirectory= sets $STATE_DIRECTORY; that wins over this default.
-    state_dir: str = "/var/lib/serenbox"
+    state_dir: str = _f("/var/lib/serenbox", kind="path")
     model: ModelConfig = field(default_factory=ModelConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -128,7 +155,8 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
+def _check_type(key: str, value: Any, tp: Any, secret: bool = False) -> Any:
+    got = "" if secret else f", got {show(value)}"  # a password never appears in a message or log
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -137,7 +165,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _check_type(key, value, option)
+                return _check_type(key, value, option, secret)
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
@@ -145,28 +173,73 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         allowed = typing.get_args(tp)
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = str(value)  # `protocol: 5` in YAML is a number
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{key}: {show(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false{got}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer{got}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number{got}")
+        if not math.isfinite(value):
+            # NaN slips through every range check (every comparison is false) and poisons what it touches.
+            raise ConfigError(f"{key}: expected a finite number{got}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string{got}")
         return str(value)  # `source: 0` is a camera index written as a number
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_text(key: str, value: str, kind: str, max_len: int | None) -> str:
+    """Strings end up in topics, file names, sockets and logs: refuse what would break any of them."""
+    shown = "" if kind == "secret" else f" {show(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}:{shown} is not valid Unicode (a lone surrogate)") from None
+    if "\0" in value:
+        raise ConfigError(f"{key}:{shown} contains a NUL character")
+    if kind == "secret":
+        if max_len is not None and len(value) > max_len:
+            raise ConfigError(f"{key}: longer than {max_len} characters")
+        return value
+    if kind == "path":
+        if not value.strip():
+            raise ConfigError(f"{key}: empty path (use null for the default)")
+        if len(value) > 4096:
+            raise ConfigError(f"{key}: path longer than 4096 characters")
+        return os.path.expanduser(value)
+    if _CONTROL.search(value):
+        raise ConfigError(f"{key}:{shown} contains a control character (newline, tab, ...)")
+    if kind == "device_id" and not DEVICE_ID.fullmatch(value):
+        raise ConfigError(f"{key}:{shown} must be 1 to 64 letters, digits, '_' or '-' (it names MQTT topics)")
+    if kind == "topic":
+        value = value.rstrip("/")
+        levels = value.split("/")
+        if len(value) > 128 or not all(TOPIC_LEVEL.fullmatch(level) for level in levels):
+            raise ConfigError(
+                f"{key}:{shown} must be topic levels of letters, digits, '_', '.' or '-' joined by '/' "
+                "(at most 128 characters; no wildcards, no empty levels)"
+            )
+        if value.startswith("$"):
+            raise ConfigError(f"{key}:{shown} must not start with '$' (brokers reserve those topics)")
+    if kind == "host" and (not value or " " in value or len(value) > 253):
+        raise ConfigError(f"{key}:{shown} is not a host name or address (use null to turn MQTT off)")
+    if kind == "text" and not value.strip():
+        raise ConfigError(f"{key}: empty (use null for the default)")
+    if max_len is not None and len(value) > max_len:
+        raise ConfigError(f"{key}: {show(value)} is longer than {max_len} characters")
+    return value
 
 
 def _build(cls: type, data: Any, prefix: str = "") -> Any:
@@ -179,11 +252,14 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(fields)})")
-        value = _check_type(dotted, value, hints[key])
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"{show(dotted)}: unknown key (known: {', '.join(fields)})")
         check = fields[key].metadata
-        if check and value is not None:
+        kind = check.get("kind")
+        value = _check_type(dotted, value, hints[key], secret=kind == "secret")
+        if kind and isinstance(value, str):
+            value = _check_text(dotted, value, kind, check.get("max_len"))
+        if check and value is not None and not isinstance(value, str):
             lo, hi = check.get("lo"), check.get("hi")
             if lo is not None and (value < lo or (check.get("lo_open") and value == lo)):
                 raise ConfigError(
@@ -196,10 +272,6 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def _cross_checks(cfg: Config) -> None:
-    if not cfg.device_id or any(c in cfg.device_id for c in "/+#"):
-        raise ConfigError(f"device_id: {cfg.device_id!r} must be non-empty without MQTT wildcards or '/'")
-    if not cfg.mqtt.topic_prefix or any(c in cfg.mqtt.topic_prefix for c in "+#"):
-        raise ConfigError(f"mqtt.topic_prefix: {cfg.mqtt.topic_prefix!r} must be non-empty without '+' or '#'")
     if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
     if cfg.camera.reopen_initial_s > cfg.camera.reopen_max_s:
@@ -211,34 +283,92 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("debug.dir: required when debug.save_crops is true")
 
 
-def from_dict(data: dict | None, env: dict[str, str] | None = None) -> Config:
-    cfg = _build(Config, data)
-    env = os.environ if env is None else env
-    if env.get("SERENBOX_MQTT_USERNAME"):
-        cfg.mqtt.username = env["SERENBOX_MQTT_USERNAME"]
-    if env.get("SERENBOX_MQTT_PASSWORD"):
-        cfg.mqtt.password = env["SERENBOX_MQTT_PASSWORD"]
+def _from_env(cfg: Config, env: typing.Mapping[str, str]) -> None:
+    """Secrets and systemd's state directory; checked like the file's values."""
+    overrides = (
+        ("SERENBOX_MQTT_USERNAME", "mqtt.username", "text"),
+        ("SERENBOX_MQTT_PASSWORD", "mqtt.password", "secret"),
+    )
+    for name, key, kind in overrides:
+        if env.get(name):
+            value = _check_text(f"{key} (from ${name})", env[name], kind, 1024)
+            setattr(cfg.mqtt, key.split(".")[1], value)
     if env.get("STATE_DIRECTORY"):
         # systemd may pass several colon-separated directories; the first is ours.
-        cfg.state_dir = env["STATE_DIRECTORY"].split(":")[0]
+        cfg.state_dir = _check_text(
+            "state_dir (from $STATE_DIRECTORY)", env["STATE_DIRECTORY"].split(":")[0], "path", None
+        )
+
+
+def from_dict(data: dict | None, env: typing.Mapping[str, str] | None = None) -> Config:
+    cfg = _build(Config, data)
+    _from_env(cfg, os.environ if env is None else env)
     _cross_checks(cfg)
     return cfg
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without the features that let a small file cost gigabytes or recursion."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not supported", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(raw: bytes, name: str) -> Any:
+    """The YAML document in `raw`, or ConfigError with one line naming the file and the problem."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{name}: larger than {MAX_FILE_BYTES >> 20} MiB; not a SerenBox configuration")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
+        # A truncated or blanked file must not quietly run the box on defaults.
+        raise ConfigError(f"{name}: the configuration is empty (write {{}} to run on the defaults)")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{name}{where}: not valid YAML ({show(getattr(e, 'problem', None) or e, 120)})") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: not valid YAML (nested too deeply)") from None
 
 
 def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: configuration file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a configuration file") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read configuration ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = parse_yaml(raw, str(p))
     try:
         return from_dict(data, env)
     except ConfigError as e:

@@ -24,7 +24,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from device import reload
 from device.classifier import Classifier, to_gray
+from device.commands import SOURCE_MIN_FPS, validate_command
 from device.config import Config
 from device.events import EventFactory, normalised_box, rounded_probabilities
 from device.labels import LABELS
@@ -38,8 +40,10 @@ THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
 LATENCY_WINDOW = 300  # frames: ~30 s at the default 10 fps
 FPS_WINDOW = 50
 STATUS_INTERVAL_S = 5.0
-MAX_FPS = 120.0  # camera.fps's upper bound in the configuration
 FRAME_TIME_SLACK_S = 1e-3
+HEALTH_CHECK_S = 1.0
+
+__all__ = ["Pipeline", "validate_command"]
 
 
 def cpu_temperature_c(path: Path = THERMAL_ZONE) -> float | None:
@@ -55,23 +59,6 @@ def percentiles_ms(samples: deque[float]) -> dict[str, float | None]:
         return {"p50": None, "p95": None}
     p50, p95 = np.percentile(np.fromiter(samples, float), [50, 95])
     return {"p50": round(float(p50) * 1000, 2), "p95": round(float(p95) * 1000, 2)}
-
-
-def validate_command(command: Any) -> dict[str, Any]:
-    """A command dict from a sink, checked; ValueError with a message for a bad one."""
-    if not isinstance(command, dict):
-        raise ValueError(f"a command is an object, got {type(command).__name__}")
-    name = command.get("command")
-    if name in ("pause", "resume"):
-        return {"command": name}
-    if name == "fps":
-        value = command.get("value")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError('"fps" needs a number in "value"')
-        if not 0 < value <= MAX_FPS:
-            raise ValueError(f'"fps" value must be > 0 and <= {MAX_FPS:g}, got {value}')
-        return {"command": "fps", "value": float(value)}
-    raise ValueError(f"unknown command {name!r} (known: pause, resume, fps)")
 
 
 @dataclass
@@ -127,6 +114,12 @@ class Pipeline:
         self._next_frame_t = -math.inf
         self.paused = False
         self._camera_down = False
+        self.failure: str | None = None  # why the loop gave up (a sink died): the daemon exits non-zero
+        self._last_health = -math.inf
+        self.faces_seen = 0
+        self.events_emitted = 0
+        if cfg.camera.fps < SOURCE_MIN_FPS:
+            self._set_fps(cfg.camera.fps)
 
         self._stop = threading.Event()
         self._close_lock = threading.Lock()
@@ -164,11 +157,16 @@ class Pipeline:
         """Process until stopped, the source ends or max_frames; returns why it stopped."""
         reason = "stopped"
         self.source.open()
+        # A live camera that is not there yet: the daemon is up and waiting for it, and says so.
+        self._camera_down = getattr(self.source, "is_open", True) is False
         self.notifier.ready(self._status_text())
         log.info("running: run_id %s", self.events.run_id)
         try:
             while not self._stop.is_set():
                 self._between_frames()
+                if self.failure is not None:
+                    reason = f"failed: {self.failure}"
+                    break
                 if self.paused:
                     self._stop.wait(0.05)
                     continue
@@ -209,6 +207,7 @@ class Pipeline:
         faces = self.detector.detect(gray)
         t1 = time.perf_counter()
         boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
+        self.faces_seen += len(boxes)
         probs = self.classifier.classify(gray, boxes, self.cfg.detector.margin) if boxes else np.zeros((0, 7))
         t2 = time.perf_counter()
         track_events = self.tracker.update([Detection(b, p) for b, p in zip(boxes, probs, strict=True)], frame.t)
@@ -246,6 +245,21 @@ class Pipeline:
         if now - self._last_stats >= self.cfg.mqtt.stats_interval_s:
             self._last_stats = now
             self._send_stats()
+        if now - self._last_health >= HEALTH_CHECK_S:
+            self._last_health = now
+            self._check_sinks()
+
+    def _check_sinks(self) -> None:
+        # A sink whose worker thread died would lose every event from now on without a word;
+        # ending the run (exit 1) lets systemd restart the daemon, and the spool keeps the events.
+        for sink in self.sinks:
+            try:
+                problem = sink.problem()
+            except Exception as e:
+                problem = f"health check failed: {e}"
+            if problem and self.failure is None:
+                log.error("%s: %s; stopping so that the service restarts", type(sink).__name__, problem)
+                self.failure = problem
 
     def _while_camera_down(self) -> None:
         if not self._camera_down:
@@ -263,6 +277,8 @@ class Pipeline:
             self._maybe_state()
         elif name == "resume" and self.paused:
             self.paused = False
+            # A live source kept counting frames while nobody read them: not drops.
+            self._last_index = None
             self._maybe_state()
         elif name == "fps":
             self._set_fps(command["value"])
@@ -270,7 +286,7 @@ class Pipeline:
     def _set_fps(self, fps: float) -> None:
         set_fps = getattr(self.source, "set_fps", None)
         if callable(set_fps):
-            set_fps(fps)
+            set_fps(max(fps, SOURCE_MIN_FPS))
         # Thin frames by frame time too: a source that cannot change its rate still gets limited.
         self._fps_limit = fps
         self._next_frame_t = -math.inf
@@ -286,6 +302,7 @@ class Pipeline:
             self.notifier.ready(self._status_text())
             return
         old = self.cfg
+        new, pending = reload.merge(old, new)
         logging.getLogger().setLevel(new.log_level)
         self.tracker.cfg = new.tracker
         if new.detector != old.detector and self._detector_factory is not None:
@@ -296,12 +313,8 @@ class Pipeline:
                 new.detector = old.detector
         if new.camera.fps != old.camera.fps:
             self._set_fps(new.camera.fps)
-        for key in ("device_id", "model", "mqtt", "state_dir"):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload: %s changed; takes effect after a restart", key)
-        for key in ("source", "width", "height", "loop"):
-            if getattr(new.camera, key) != getattr(old.camera, key):
-                log.warning("reload: camera.%s changed; takes effect after a restart", key)
+        for key in pending:
+            log.warning("reload: %s changed; takes effect after a restart", key)
         self.cfg = new
         log.info("configuration reloaded")
         self.notifier.ready(self._status_text())
@@ -320,6 +333,7 @@ class Pipeline:
                 te.duration_s,
                 te.summary,
             )
+            self.events_emitted += 1
             for sink in self.sinks:
                 try:
                     sink.emit(event)
@@ -337,7 +351,8 @@ class Pipeline:
             {
                 "track_id": t.id,
                 "emotion": t.label,
-                "confidence": round(float(t.probabilities[t.emotion]), 4),
+                # The same rounding as `probabilities`, so the two always agree.
+                "confidence": rounded_probabilities(t.probabilities)[t.label],
                 "box": normalised_box(t.box, *size),
             }
             for t in tracks
@@ -412,15 +427,24 @@ class Pipeline:
     def _save_crops(self, gray: np.ndarray, boxes: list[tuple[float, float, float, float]], index: int) -> None:
         """Debug only (debug.save_crops): crops as PNG, each written whole or not at all."""
         folder = Path(self.cfg.debug.dir or ".")
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, crop in enumerate(self.classifier.crops(gray, boxes, self.cfg.detector.margin)):
-            ok, png = cv2.imencode(".png", crop)
-            if not ok:
-                continue
-            fd, tmp = tempfile.mkstemp(prefix=".crop.", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "wb") as f:
-                f.write(png.tobytes())
-            os.replace(tmp, folder / f"{self.events.run_id[:8]}-{index:08d}-{i}.png")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, crop in enumerate(self.classifier.crops(gray, boxes, self.cfg.detector.margin)):
+                ok, png = cv2.imencode(".png", crop)
+                if not ok:
+                    continue
+                fd, tmp = tempfile.mkstemp(prefix=".crop.", suffix=".tmp", dir=folder)
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(png.tobytes())
+                    os.replace(tmp, folder / f"{self.events.run_id[:8]}-{index:08d}-{i}.png")
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        except OSError as e:
+            # A debugging aid must never stop the box: turn it off and say so once.
+            log.error("debug.save_crops: cannot write to %s (%s); saving crops is off until a reload", folder, e)
+            self.cfg.debug.save_crops = False
 
     def _shutdown(self) -> None:
         self._emit(self.tracker.close())

@@ -12,14 +12,16 @@ original id, and the count of unreadable ones is logged.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from device.config import ConfigError
 
@@ -32,6 +34,13 @@ _AGE_CHECK_EVERY_S = 30.0
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 # Salvage probes ids one by one past a damaged page; give up after this many unreadable in a row.
 _SALVAGE_BLIND_PROBES = 100_000
+# The WAL grows by a few pages per event even when every event is deleted a moment later, and
+# SQLite never shrinks it by default: checkpoint every 64 pages and cut the file back to 256 KiB,
+# so a spool that is empty takes almost no disk and frees what it took once it empties.
+_WAL_AUTOCHECKPOINT_PAGES = 64
+_WAL_LIMIT_BYTES = 256 * 1024
+_TRUNCATE_EVERY_S = 5.0
+SQLITE_HEADER = b"SQLite format 3\0"
 
 
 class SpoolError(ConfigError):
@@ -63,12 +72,20 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"{self.path}: cannot open the event spool ({e})") from None
+        if _not_sqlite(self.path):
+            raise SpoolError(
+                f"{self.path}: exists and is not an event spool (not a SQLite database); "
+                "refusing to touch it: set mqtt.spool.path to a new file"
+            )
+        self._lock_file = _lock(self.path)
+        self._last_truncate = 0.0
         with self._lock:
             try:
                 self._open()
             except _Corrupt as e:
                 self._recover(e)
             except sqlite3.Error as e:
+                self._lock_file.close()
                 raise SpoolError(f"{self.path}: cannot open the event spool ({e})") from None
             self._enforce_bounds(time.time())
         if self._count:
@@ -80,6 +97,8 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives a power cut, not only a killed process (NORMAL would).
             self._db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS events ("
                 " id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, payload TEXT NOT NULL)"
@@ -130,7 +149,7 @@ class Spool:
         )
 
     def __len__(self) -> int:
-        return self._count
+        return max(0, self._count)
 
     def append(self, payload: str, now: float | None = None) -> int:
         """Store one payload durably; returns its rowid (the publication order)."""
@@ -140,22 +159,25 @@ class Spool:
                 cur = self._retry_if_corrupt(
                     lambda: self._db.execute("INSERT INTO events (created, payload) VALUES (?, ?)", (now, payload))
                 )
+                self._count += 1
+                self._enforce_bounds(now)
             except sqlite3.Error as e:
                 raise SpoolError(f"{self.path}: cannot write to the event spool ({e})") from None
-            self._count += 1
-            self._enforce_bounds(now)
             return int(cur.lastrowid)
 
     def after(self, rowid: int, limit: int) -> list[tuple[int, str]]:
         """Up to `limit` rows with an id greater than `rowid`, oldest first."""
         with self._lock:
-            # A long outage with a paused pipeline appends nothing: expire by age on the way out too.
-            self._enforce_bounds(time.time())
-            return self._retry_if_corrupt(
-                lambda: self._db.execute(
-                    "SELECT id, payload FROM events WHERE id > ? ORDER BY id LIMIT ?", (rowid, limit)
-                ).fetchall()
-            )
+            try:
+                # A long outage with a paused pipeline appends nothing: expire by age on the way out too.
+                self._enforce_bounds(time.time())
+                return self._retry_if_corrupt(
+                    lambda: self._db.execute(
+                        "SELECT id, payload FROM events WHERE id > ? ORDER BY id LIMIT ?", (rowid, limit)
+                    ).fetchall()
+                )
+            except sqlite3.Error as e:
+                raise SpoolError(f"{self.path}: cannot read the event spool ({e})") from None
 
     def delete(self, rowids: Iterable[int]) -> None:
         ids = [(i,) for i in rowids]
@@ -174,7 +196,22 @@ class Spool:
                     raise
                 return max(cur.rowcount, 0)
 
-            self._count -= self._retry_if_corrupt(run)
+            try:
+                self._count -= self._retry_if_corrupt(run)
+            except sqlite3.Error as e:
+                raise SpoolError(f"{self.path}: cannot delete from the event spool ({e})") from None
+            self._truncate_wal_when_empty()
+
+    def _truncate_wal_when_empty(self) -> None:
+        """Give the disk back: with nothing unsent, the WAL is cut to zero (at most every few seconds)."""
+        now = time.monotonic()
+        if self._count > 0 or now - self._last_truncate < _TRUNCATE_EVERY_S:
+            return
+        self._last_truncate = now
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.debug("spool checkpoint failed: %s", e)
 
     def _retry_if_corrupt(self, op: Callable[[], T]) -> T:
         """Run `op`; if the file turns out damaged mid-run, recover it and run `op` once more."""
@@ -207,6 +244,48 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._lock_file.close()
+
+
+def _lock(path: Path) -> TextIO:
+    """An exclusive lock beside the spool: two daemons on one spool would send and delete each
+    other's events (duplicates, reordering, a count below zero). The lock goes with the process."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        f = open(lock_path, "a+")  # noqa: SIM115 - held until close()
+    except OSError as e:
+        raise SpoolError(f"{path}: cannot open the event spool's lock file {lock_path} ({e.strerror})") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SpoolError(
+            f"{path}: the event spool is in use by another serenbox (pid {holder}); "
+            "two daemons must not share a state directory"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _not_sqlite(path: Path) -> bool:
+    """An existing, non-empty file that is not a SQLite database at all (not a damaged spool)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        return True
+    except OSError:
+        return False  # unreadable: sqlite3 says why
+    # A spool damaged by the SD card or a power cut still starts like SQLite, or with zeros;
+    # anything else is somebody else's file, and moving it aside would lose it.
+    return len(head) > 0 and head != SQLITE_HEADER and head.strip(b"\0") != b""
 
 
 def _salvage(path: Path) -> tuple[list[tuple[int, float, str]], int, int | None]:

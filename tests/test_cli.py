@@ -108,7 +108,7 @@ def test_classify_missing_or_unreadable_image(model: Path, files: Path, tmp_path
     assert_one_line_error(proc, "nope.png", "no such file")
     assert proc.stdout == ""
     proc = serenbox("classify", str(files / "notes.png"), "--config", str(config))
-    assert_one_line_error(proc, "notes.png", "not a readable image")
+    assert_one_line_error(proc, "notes.png", "not an image")
     # The readable image in a batch still gets its line; the exit status reports the failure.
     proc = serenbox("classify", str(files / "happy.png"), str(files / "nope.png"), "--config", str(config))
     assert proc.returncode == 2

@@ -104,17 +104,38 @@ def test_read_only_directory_is_a_clear_error(tmp_path: Path) -> None:
         Spool(d / "s.sqlite", 10, 60)
 
 
-def test_garbage_file_is_moved_aside_and_a_new_spool_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"SQLite format 3\0" + b"torn write" * 400,  # a spool whose first page was cut short
+        bytes(4096 * 3),  # zeroed by a power cut
+    ],
+    ids=["torn", "zeroed"],
+)
+def test_a_damaged_spool_file_is_moved_aside_and_a_new_spool_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: bytes
+) -> None:
     path = tmp_path / "s.sqlite"
-    path.write_bytes(b"this is not a database, a torn write or a wrong file" * 100)
+    path.write_bytes(damage)
     s = Spool(path, 100, 3600)
     assert len(s) == 0
     assert s.append("fresh") >= 1 and [p for _, p in s.after(0, 10)] == ["fresh"]
     s.close()
     aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1 and aside[0].startswith("s.sqlite.corrupt-")
-    assert (tmp_path / aside[0]).read_bytes().startswith(b"this is not a database")
+    assert (tmp_path / aside[0]).read_bytes() == damage
     assert "was damaged" in caplog.text
+
+
+def test_a_file_that_is_not_a_spool_is_never_touched(tmp_path: Path) -> None:
+    # spool.path pointed at the configuration file by mistake: refuse, never rename or replace it.
+    path = tmp_path / "serenbox.yaml"
+    text = b"device_id: livingroom\nmqtt:\n  host: broker\n"
+    path.write_bytes(text)
+    with pytest.raises(SpoolError, match="not an event spool"):
+        Spool(path, 100, 3600)
+    assert path.read_bytes() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["serenbox.yaml"]
 
 
 def test_damaged_page_keeps_every_readable_event(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

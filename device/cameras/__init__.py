@@ -45,8 +45,7 @@ def open_source(spec: str, cfg: CameraConfig) -> FrameSource:
         return OpenCVCamera(spec, cfg)
     path = Path(spec)
     if spec.startswith("/dev/video"):
-        if not path.exists():
-            raise CameraError(f"{spec}: no such camera device")
+        # Not there yet is not wrong: a USB camera may be plugged in later (the daemon waits).
         return OpenCVCamera(spec, cfg)
     if path.is_dir():
         return FolderSource(spec, cfg)

@@ -6,8 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-import cv2
-
+from device import images
 from device.cameras.base import CameraError, Frame, FrameSource
 from device.config import CameraConfig
 
@@ -57,9 +56,11 @@ class FolderSource(FrameSource):
                 self._pos = 0
             path = self.images[self._pos]
             self._pos += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                log.warning("%s: not an image OpenCV can read; skipped", path)
+            try:
+                image, _ = images.read(path)
+            except images.ImageError as e:
+                # One bad file (too large, truncated, not an image) must not end the run.
+                log.warning("%s; skipped", e)
                 skipped += 1
                 continue
             frame = Frame(image, self._t, self._index)

@@ -17,11 +17,13 @@ HEARTBEAT_S = 1.0
 
 
 class ReopeningSource(FrameSource):
-    """Wraps a source. The first open() must succeed (a wrong source fails fast and clearly);
-    after that, a failing live source is closed and reopened, waiting reopen_initial_s, then
+    """Wraps a source. A live source that fails, at start or later, is closed and (re)opened,
+    waiting reopen_initial_s, then
     twice as long after each further failure up to reopen_max_s. The wait ends early when
     `stop_event` is set or close() is called, and read() then returns None (the run ends).
-    Files and folders cannot recover, so their errors pass straight through.
+    Files and folders cannot recover, so their errors pass straight through. A camera that is
+    not there yet at start (an IP camera still booting, a USB camera unplugged) is a live failure
+    like any other: the daemon starts, says so in its status, and waits for it.
 
     Frame indices continue across reopens, so a gap still means missed frames.
 
@@ -46,8 +48,18 @@ class ReopeningSource(FrameSource):
         self.heartbeat: Callable[[], None] | None = None
 
     def open(self) -> None:
-        self.inner.open()
+        try:
+            self.inner.open()
+        except CameraError as e:
+            if not self.inner.live:
+                raise
+            self._failed(e)  # read() retries with backoff
+            return
         self._is_open = True
+
+    @property
+    def is_open(self) -> bool:
+        return self._is_open
 
     def read(self) -> Frame | None:
         while not self.stop_event.is_set():

@@ -30,6 +30,10 @@ class Sink(ABC):
         """Sink-side figures to merge into stats (spool depth, dropped events)."""
         return {}
 
+    def problem(self) -> str | None:
+        """Why this sink can no longer deliver (a worker thread died), or None; checked every second."""
+        return None
+
     def on_command(self, handler: CommandHandler) -> None:
         """Register the pipeline's handler for remote commands (pause, resume, fps)."""
 

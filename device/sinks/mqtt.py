@@ -28,13 +28,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device.config import Config, ConfigError
+from device.sinks.backlog import Backlog, Key
 from device.sinks.base import CommandHandler, Sink
 from device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
-from device.spool import Spool, SpoolError
+from device.spool import Spool
 
 log = logging.getLogger("serenbox.mqtt")
 
@@ -45,6 +47,11 @@ CLOSE_TIMEOUT_S = 2.0
 # CONNACK reasons meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 0x84).
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+# `online` is re-published every stats interval with an MQTT 5 expiry of this many intervals: if
+# the daemon dies where no Last Will can fire (the broker was down and restored its session),
+# the retained `online` expires by itself instead of lying forever.
+AVAILABILITY_EXPIRY_INTERVALS = 3
+_SESSION_TAKEN_OVER = 0x8E
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -73,22 +80,26 @@ class MqttSink(Sink):
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
         self._protocol = _PROTOCOLS.get(self._m.protocol, MQTTProtocolVersion.MQTTv5)
-        self._spool = Spool(spool_path(cfg), self._m.spool.max_events, self._m.spool.max_age_s)
+        spool = Spool(spool_path(cfg), self._m.spool.max_events, self._m.spool.max_age_s)
+        self._backlog = Backlog(spool)
+        self._availability_every_s = self._m.stats_interval_s
+        self._availability_at = -1e9
+        self._rejected = 0
+        self._callback_errors = 0
 
         self._pub = threading.RLock()
         # Guarded by _pub: connection view of the publisher.
         self._connected = False
-        self._cursor = 0  # rowid of the last event handed to paho on this connection
-        self._inflight: dict[int, int] = {}  # paho mid -> spool rowid
-        self._acked_rows: list[int] = []
+        self._cursor: Key = (0, 0)  # backlog key of the last event handed to paho on this connection
+        self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
         self._published = 0
-        self._write_errors = 0
         self._state_sent: str | None = None
         self._state_sent_at = -1e9
 
         self._cond = threading.Condition()
         # Guarded by _cond: written from other threads.
         self._acked_mids: list[int] = []
+        self._rejected_mids: list[int] = []
         self._kick = True
         self._stopping = False
         self._fallback = False
@@ -107,13 +118,8 @@ class MqttSink(Sink):
         self._thread.start()
 
     def emit(self, event: dict[str, Any]) -> None:
-        try:
-            self._spool.append(json.dumps(event, separators=(",", ":")))
-        except SpoolError as e:
-            # A full disk must not stop the camera loop; the loss is visible in stats.
-            self._write_errors += 1
-            log.error("event %s not spooled: %s", event.get("id"), e)
-            return
+        # Never raises: a full disk keeps the event in memory (device/sinks/backlog.py).
+        self._backlog.append(json.dumps(event, separators=(",", ":")))
         self._wake()
 
     def state(self, state: dict[str, Any]) -> None:
@@ -127,13 +133,28 @@ class MqttSink(Sink):
         payload = json.dumps({**stats, **self.counters()}, separators=(",", ":"))
         self._client.publish(self.topics.stats, payload, qos=0)
 
+    def problem(self) -> str | None:
+        if self._stopping:
+            return None
+        if not self._thread.is_alive():
+            return "the MQTT publisher thread has died"
+        # paho's network thread; loop_start() names it, and it must run until close().
+        network = getattr(self._client, "_thread", None)
+        if network is not None and not network.is_alive():
+            return "the MQTT network thread has died"
+        return None
+
     def counters(self) -> dict[str, Any]:
         return {
-            "spool_depth": len(self._spool),
-            # Bounds, full disk and a damaged spool file: every way an event failed to be kept.
-            "spool_dropped": self._spool.dropped + self._write_errors + self._spool.lost_to_corruption,
+            "spool_depth": len(self._backlog),
+            # Bounds, a damaged spool file, memory overflow: every way an event failed to be kept.
+            "spool_dropped": self._backlog.dropped,
+            # Events kept in memory because the disk refused them (full, read-only).
+            "spool_write_errors": self._backlog.write_errors,
             "mqtt_published": self._published,
+            "mqtt_rejected": self._rejected,
             "mqtt_connected": self._connected,
+            "stats_interval_s": self._m.stats_interval_s,
         }
 
     def on_command(self, handler: CommandHandler) -> None:
@@ -163,7 +184,7 @@ class MqttSink(Sink):
         client.disconnect()
         client.loop_stop()
         self._collect_acks()
-        self._spool.close()
+        self._backlog.close()
 
     # ----- paho client and callbacks (network thread) ---------------------------------------
 
@@ -184,6 +205,9 @@ class MqttSink(Sink):
             clean_session=None if v5 else True,
         )
         client.enable_logger(_PAHO_LOG)
+        # An exception in one of our callbacks is logged by paho and the network thread goes on;
+        # without this it ends the thread, and with it every reconnect, without a word.
+        client.suppress_exceptions = True
         client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
         client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
@@ -200,11 +224,11 @@ class MqttSink(Sink):
             if tls.insecure:
                 log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
                 client.tls_insecure_set(True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        client.on_connect_fail = self._on_connect_fail
+        client.on_connect = self._guarded(self._on_connect)
+        client.on_disconnect = self._guarded(self._on_disconnect)
+        client.on_publish = self._guarded(self._on_publish)
+        client.on_message = self._guarded(self._on_message)
+        client.on_connect_fail = self._guarded(self._on_connect_fail)
         return client
 
     def _connect(self, client: mqtt.Client) -> None:
@@ -222,17 +246,41 @@ class MqttSink(Sink):
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
-            client.publish(self.topics.availability, "online", qos=1, retain=True)
-            client.subscribe(self.topics.set, qos=1)
+            self._publish_availability(client)
+            if self._protocol == MQTTProtocolVersion.MQTTv5:
+                # retainHandling 2: a retained command is never delivered on subscribe.
+                client.subscribe(self.topics.set, options=mqtt.SubscribeOptions(qos=1, retainHandling=2))
+            else:
+                client.subscribe(self.topics.set, qos=1)
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
             "connected to MQTT broker %s:%d (MQTT %s); %d spooled event(s) to send",
             self._m.host,
             self._m.port,
             "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
-            len(self._spool),
+            len(self._backlog),
         )
         self._wake()
+
+    def _publish_availability(self, client: mqtt.Client) -> None:
+        """`online`, retained; under MQTT 5 with an expiry, re-sent before it runs out. Needs `_pub`."""
+        properties = None
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)
+            expiry = AVAILABILITY_EXPIRY_INTERVALS * self._availability_every_s
+            properties.MessageExpiryInterval = max(1, round(expiry))
+        client.publish(self.topics.availability, "online", qos=1, retain=True, properties=properties)
+        self._availability_at = time.monotonic()
+
+    def _guarded(self, callback: Any) -> Any:
+        def run(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                self._callback_errors += 1
+                log.exception("MQTT callback %s failed", callback.__name__)
+
+        return run
 
     def _on_refused(self, reason: ReasonCode) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
@@ -275,18 +323,27 @@ class MqttSink(Sink):
             self._reset_connection(connected=False)
         if was_connected and not self._stopping:
             log.warning("MQTT connection lost (%s); spooling and reconnecting", str(reason).lower())
+            if reason.value == _SESSION_TAKEN_OVER:
+                log.error(
+                    "another MQTT client connected with this client id (%s): is device_id %r used by two boxes?",
+                    self._client_id,
+                    self._cfg.device_id,
+                )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Properties | None) -> None:
         # Runs under paho's message lock: only record, the publisher thread does the work.
-        if reason.is_failure:
-            # The broker will never take this one (e.g. not authorised); retrying would block the queue.
-            log.error("MQTT broker rejected message %d: %s", mid, reason)
         with self._cond:
-            self._acked_mids.append(mid)
+            # A refused event (not authorised) stays in the spool: it is tried again after the next
+            # reconnect and never deleted as if delivered; it does not hold up the others.
+            (self._rejected_mids if reason.is_failure else self._acked_mids).append(mid)
             self._kick = True
             self._cond.notify()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            # A retained command would run again on every start: one bad one would crash-loop the box.
+            self._report_command_error("retained commands are ignored (publish without retain)", msg.payload)
+            return
         try:
             command = parse_command(msg.payload)
             with self._cond:
@@ -302,7 +359,7 @@ class MqttSink(Sink):
             self._report_command_error(f"internal error: {e}", msg.payload)
 
     def _report_command_error(self, reason: str, raw: bytes) -> None:
-        log.warning("rejected command on %s: %s", self.topics.set, reason)
+        log.warning("rejected command on %s: %s", self.topics.set, reason[:300])
         self._client.publish(self.topics.error, error_payload(reason, raw), qos=1)
 
     # ----- publisher thread -----------------------------------------------------------------
@@ -317,27 +374,33 @@ class MqttSink(Sink):
         self._collect_acks()  # acks that arrived before the cut still count
         self._client.drop_out_messages()
         self._inflight.clear()
-        self._cursor = 0
+        self._cursor = (0, 0)
         self._connected = connected
 
     def _collect_acks(self) -> None:
         with self._pub:
             with self._cond:
                 mids, self._acked_mids = self._acked_mids, []
-            for mid in mids:
-                rowid = self._inflight.pop(mid, None)
-                if rowid is not None:
-                    self._acked_rows.append(rowid)
-                    self._published += 1
-            if self._acked_rows:
-                self._spool.delete(self._acked_rows)
-                self._acked_rows = []
+                rejected, self._rejected_mids = self._rejected_mids, []
+            acked = [key for key in map(self._inflight.pop, mids, [None] * len(mids)) if key is not None]
+            self._published += len(acked)
+            refused = sum(self._inflight.pop(mid, None) is not None for mid in rejected)
+            if refused:
+                self._rejected += refused
+                log.error(
+                    "MQTT broker refused %d event(s) on %s (not authorised?); they stay spooled and are sent "
+                    "again after the next reconnect",
+                    refused,
+                    self.topics.events,
+                )
+            self._backlog.ack(acked)
+            self._backlog.retry_deletes()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 if not self._kick and not self._stopping:
-                    self._cond.wait(timeout=self._state_due_in())
+                    self._cond.wait(timeout=self._due_in())
                 self._kick = False
                 stopping, fallback = self._stopping, self._fallback
                 self._fallback = False
@@ -345,6 +408,7 @@ class MqttSink(Sink):
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
+                self._refresh_availability()
                 # At shutdown the rate limit yields: the retained state must be the last one.
                 self._publish_state(force=stopping)
             except Exception:  # keep spooling whatever happens; the next wake-up retries
@@ -360,13 +424,30 @@ class MqttSink(Sink):
                 room = WINDOW - len(self._inflight)
                 if room <= 0:
                     return
-                rows = self._spool.after(self._cursor, room)
-                for rowid, payload in rows:
+                rows = self._backlog.after(self._cursor, room)
+                for key, payload in rows:
                     info = self._client.publish(self.topics.events, payload, qos=1)
-                    self._inflight[info.mid] = rowid
-                    self._cursor = rowid
+                    self._inflight[info.mid] = key
+                    self._cursor = key
                 if len(rows) < room:
                     return
+
+    def _due_in(self) -> float | None:
+        """Seconds until the publisher has something to do by the clock (None: only when woken)."""
+        waits = [w for w in (self._state_due_in(), self._availability_due_in()) if w is not None]
+        if self._backlog.has_undeleted():
+            waits.append(1.0)
+        return min(waits) if waits else None
+
+    def _availability_due_in(self) -> float | None:
+        if not self._connected or self._protocol != MQTTProtocolVersion.MQTTv5:
+            return None  # 3.1.1 has no expiry: the Last Will alone says offline
+        return max(0.0, self._availability_at + self._availability_every_s - time.monotonic())
+
+    def _refresh_availability(self) -> None:
+        with self._pub:
+            if self._availability_due_in() == 0.0 and not self._stopping:
+                self._publish_availability(self._client)
 
     def _state_due_in(self) -> float | None:
         """Seconds until a pending state may go out under the rate limit (None: nothing pending)."""

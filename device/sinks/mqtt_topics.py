@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-COMMANDS = ("pause", "resume", "fps")
+from device.commands import NAMES as COMMANDS
+from device.commands import CommandError, validate_command
+
+__all__ = ["COMMANDS", "CommandError", "Topics", "error_payload", "parse_command"]
+
 # Enough of a bad payload to recognise it in the error topic without echoing megabytes.
 RAW_ECHO_CHARS = 200
+REASON_CHARS = 300
+# A command is a few dozen bytes; anything far larger is refused before it is parsed.
+MAX_COMMAND_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -46,36 +52,24 @@ class Topics:
         return f"{self.base}/error"
 
 
-class CommandError(ValueError):
-    """A `set` payload that is not a valid command; the message says why."""
-
-
 def parse_command(payload: bytes) -> dict[str, Any]:
-    """`{"command": "pause"|"resume"}` or `{"command": "fps", "value": <number > 0>}`."""
+    """`{"command": "pause"|"resume"}` or `{"command": "fps", "value": <number>}`, checked."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload is {len(payload)} bytes; a command is at most {MAX_COMMAND_BYTES}")
     try:
         data = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
         raise CommandError("payload is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise CommandError(f"payload is not valid JSON ({e.msg} at position {e.pos})") from None
-    if not isinstance(data, dict):
-        raise CommandError(f"expected a JSON object, got {type(data).__name__}")
-    command = data.get("command")
-    if not isinstance(command, str):
-        raise CommandError('missing "command" (one of: ' + ", ".join(COMMANDS) + ")")
-    if command not in COMMANDS:
-        raise CommandError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
-    if command == "fps":
-        value = data.get("value")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise CommandError('"fps" needs a positive number in "value"')
-        return {"command": "fps", "value": float(value)}
-    return {"command": command}
+    except RecursionError:
+        raise CommandError("payload is nested too deeply") from None
+    return validate_command(data)
 
 
 def error_payload(reason: str, raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
+    text = raw[: RAW_ECHO_CHARS * 4].decode("utf-8", errors="replace")
     if len(text) > RAW_ECHO_CHARS:
         text = text[:RAW_ECHO_CHARS] + "…"
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return json.dumps({"error": reason, "payload": text, "timestamp": now})
+    return json.dumps({"error": reason[:REASON_CHARS], "payload": text, "timestamp": now})
