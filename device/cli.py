@@ -21,7 +21,7 @@ from typing import Any
 from device import __version__, images
 from device.classifier import Classifier, ModelError, resolve_model_path, to_gray
 from device.config import Config, ConfigError, load
-from device.events import normalised_box, rounded_probabilities
+from device.events import dominant, normalised_box, rounded_probabilities
 from device.signals import SignalThread
 
 log = logging.getLogger("serenbox")
@@ -221,9 +221,7 @@ def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config
     out = []
     for box, p_face in zip(boxes, probs, strict=True):
         probabilities = rounded_probabilities(p_face)
-        # From the published (rounded) values, so `emotion` is always the largest of them even
-        # when rounding reorders a near tie.
-        emotion = max(probabilities, key=probabilities.__getitem__)
+        emotion = dominant(p_face)  # the largest published value too (rounded_probabilities sees to it)
         out.append(
             {
                 "box": normalised_box(box, width, height),

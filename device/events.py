@@ -40,9 +40,25 @@ def rounded_probabilities(probs: Sequence[float] | np.ndarray) -> dict[str, floa
     total = p.sum()
     p = p / total if total > 0 else np.full(len(LABELS), 1.0 / len(LABELS))
     r = np.round(p, DECIMALS)
-    top = int(np.argmax(r))
-    r[top] = round(r[top] + (1.0 - r.sum()), DECIMALS)
+    top = int(np.argmax(p))  # the dominant emotion: the first of exact ties, as everywhere
+    residue = round(1.0 - float(r.sum()), DECIMALS)
+    target = top
+    if residue < 0:
+        # Taking the residue from the dominant entry could drop it below a tied one, and readers
+        # that pick the largest published value would then name another emotion.
+        tied = [i for i in range(len(r)) if i != top and r[i] == r[top]]
+        target = tied[-1] if tied else top
+    r[target] = round(r[target] + residue, DECIMALS)
     return {label: float(v) for label, v in zip(LABELS, r, strict=True)}
+
+
+def dominant(probs: Sequence[float] | np.ndarray) -> str:
+    """The emotion with the highest probability; exact ties go to the first in LABELS order.
+
+    int8 scores come in steps of 1/256, so exact ties happen (3 of 927 faces of one test set):
+    the command line, the tracker and the Python API all break them this one way, and
+    `rounded_probabilities` keeps this emotion's published value the largest."""
+    return LABELS[int(np.argmax(np.asarray(probs, dtype=np.float64).reshape(-1)))]
 
 
 def normalised_box(box: Sequence[float], frame_width: int, frame_height: int) -> dict[str, float]:

@@ -123,7 +123,7 @@ class Spool:
             src = Path(f"{self.path}{suffix}")
             if src.exists():
                 src.rename(f"{aside}{suffix}")
-        rows, lost, top = _salvage(aside)
+        rows, lost, top = _salvage_copy(aside)
         try:
             self._open()
             self._db.execute("BEGIN")
@@ -288,6 +288,35 @@ def _not_sqlite(path: Path) -> bool:
     return len(head) > 0 and head != SQLITE_HEADER and head.strip(b"\0") != b""
 
 
+def _salvage_copy(aside: Path) -> tuple[list[tuple[int, float, str]], int, int | None]:
+    """`_salvage` on a copy cut to whole pages and whose header says so.
+
+    A file cut short (a full disk, a torn copy) still says in its header how many pages it had;
+    SQLite then refuses to read even the schema. With the page count mended, every row on the
+    pages that remain can be read. The damaged file itself is kept untouched for inspection."""
+    work = aside.with_name(aside.name + ".salvage")
+    try:
+        data = bytearray(aside.read_bytes())
+        if data.startswith(SQLITE_HEADER) and len(data) >= 100:
+            page = int.from_bytes(data[16:18], "big")
+            page = 65536 if page == 1 else page
+            if page >= 512:
+                pages = len(data) // page
+                del data[pages * page :]
+                data[28:32] = pages.to_bytes(4, "big")
+        work.write_bytes(bytes(data))
+        wal = Path(f"{aside}-wal")
+        if wal.exists():
+            Path(f"{work}-wal").write_bytes(wal.read_bytes())
+        return _salvage(work)
+    except OSError as e:
+        log.error("spool salvage failed: %s", e)
+        return [], 0, None
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{work}{suffix}").unlink(missing_ok=True)
+
+
 def _salvage(path: Path) -> tuple[list[tuple[int, float, str]], int, int | None]:
     """Every readable row of a damaged spool in id order, how many ids could not be read, the highest id."""
     try:
@@ -317,8 +346,8 @@ def _salvage(path: Path) -> tuple[list[tuple[int, float, str]], int, int | None]
                 lost += 1
     finally:
         db.close()
-    if top is not None:
-        lost = max(0, min(lost, top - len(rows)))
+    # Without the highest id the number lost is unknown: count none rather than the probes.
+    lost = max(0, min(lost, top - len(rows))) if top is not None else 0
     return rows, lost, top
 
 

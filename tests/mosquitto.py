@@ -72,6 +72,7 @@ class Mosquitto:
         require_client_cert: bool = False,
         persistent: bool = False,
         port: int | None = None,
+        acl: str | None = None,
     ) -> None:
         binary = mosquitto_binary()
         if binary is None:
@@ -83,6 +84,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.users = dict(users or {})
         self.persistent = persistent
+        self.acl = acl  # the text of a mosquitto acl_file, e.g. docs/mqtt.md's
         self.require_client_cert = require_client_cert
         self.tls_files = make_tls_files(self.dir / "tls") if tls else None
         self.log_path = self.dir / "mosquitto.log"
@@ -113,6 +115,10 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
+        if self.acl is not None:
+            acl_path = self.dir / "acl"
+            acl_path.write_text(self.acl)
+            lines.append(f"acl_file {acl_path}")
         lines += [
             f"persistence {'true' if self.persistent else 'false'}",
             f"persistence_location {self.dir}/",

@@ -188,9 +188,20 @@ def test_dispatch_by_spec(tmp_path: Path, clip40: Path) -> None:
     assert "hunter2" not in stream.name and "hunter2" not in repr(stream)
 
 
-def test_redact_hides_only_the_password() -> None:
-    assert redact("rtsp://admin:pw@10.0.0.2:554/s") == "rtsp://admin:***@10.0.0.2:554/s"
-    assert redact("http://10.0.0.2/mjpg") == "http://10.0.0.2/mjpg"
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:pw@10.0.0.2:554/s", "rtsp://admin:***@10.0.0.2:554/s"),
+        ("http://10.0.0.2/mjpg", "http://10.0.0.2/mjpg"),
+        ("rtsp://admin:CAM/SECRET@10.0.0.2/s", "rtsp://admin:***@10.0.0.2/s"),  # '/' in the password
+        ("rtsp://admin:p@SECRET@10.0.0.2/s", "rtsp://admin:***@10.0.0.2/s"),  # '@' in the password
+        ("rtsp://SECRETTOKEN@10.0.0.2/s", "rtsp://***@10.0.0.2/s"),  # a bare token
+        ("/dev/video0", "/dev/video0"),
+    ],
+)
+def test_redact_hides_every_secret_part(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "SECRET" not in redact(url)
 
 
 # --- a camera device: cv2.VideoCapture faked at the hardware boundary -------------------------

@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,8 @@ import pytest
 import yaml
 
 from tests import media
-from tests.mosquitto import Mosquitto, Received, Watcher, mosquitto_binary, retained
+from tests.daemon import Daemon, received_events
+from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, retained
 from tests.tinymodels import BRIGHTNESS_OF, brightness_model, convert_tiny
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
@@ -92,79 +90,6 @@ def write_config(tmp: Path, model: Path, broker: Mosquitto, video: Path, loop: b
     path = tmp / f"serenbox-{video.stem}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-class Daemon:
-    """`serenbox run --print-events` in a subprocess; its stdout events are collected live."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "device", "run", "--config", str(config), "--print-events"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.events: list[dict[str, Any]] = []
-        self._err: list[str] = []
-        # One reader per pipe, so neither can fill up and stall the daemon.
-        self._readers = [
-            threading.Thread(target=self._read_events, daemon=True),
-            threading.Thread(target=self._read_errors, daemon=True),
-        ]
-        for t in self._readers:
-            t.start()
-
-    def _read_events(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.events.append(json.loads(line))
-
-    def _read_errors(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._err)
-
-    def wait_events(self, n: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.events) < n:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.finish(kill=True)
-                raise AssertionError(f"{len(self.events)} of {n} events printed; stderr:\n{self.stderr[-3000:]}")
-            time.sleep(0.05)
-
-    def finish(self, sig: int | None = None, kill: bool = False, timeout: float = 30) -> int:
-        if kill and self.proc.poll() is None:
-            self.proc.kill()
-        elif sig is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            for t in self._readers:
-                t.join(timeout=5)
-        return self.proc.returncode
-
-
-def received_events(w: Watcher) -> list[dict[str, Any]]:
-    """Events as the subscriber got them, minus the broker's own redeliveries *to the subscriber*
-    (dup flag, already seen): those are the test client's session, not the daemon's doing."""
-    seen: set[str] = set()
-    out = []
-    m: Received
-    for m in w.on("/events"):
-        e = m.json()
-        if m.dup and e["id"] in seen:
-            continue
-        seen.add(e["id"])
-        out.append(e)
-    return out
 
 
 def test_events_state_and_availability_from_a_video(model: Path, videos: dict[str, Path], tmp_path: Path) -> None:

@@ -68,9 +68,23 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-_CREDENTIALS = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def redact(spec: str) -> str:
-    """A source as it may appear in logs: rtsp://user:secret@cam → rtsp://user:***@cam."""
-    return _CREDENTIALS.sub(r"\1:***@", spec)
+    """A source as it may appear in logs: rtsp://user:secret@cam → rtsp://user:***@cam.
+
+    Camera passwords are often pasted unencoded, with '/' or '@' in them, so the credentials
+    are everything up to the *last* '@'; a bare token (rtsp://TOKEN@cam) is hidden whole. A URL
+    whose path has an '@' loses more than it needs to: a log line may be vague, never a leak.
+    """
+    scheme = _SCHEME.match(spec)
+    if scheme is None:
+        return spec
+    rest = spec[scheme.end() :]
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return spec
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon and "/" not in user else "***"
+    return f"{scheme.group(0)}{shown}@{host}"
