@@ -108,9 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = ReopeningSource(open_source(cfg.camera.source, cfg.camera), cfg.camera)
     except (CameraError, ValueError) as e:
         raise UsageError(f"camera.source: {e}") from None
+    # The sinks before the model: a second daemon on the same spool is refused at once.
+    sinks = build_sinks(cfg, args.print_events)
     classifier = build_classifier(cfg)
     detector = build_detector(cfg.detector)
-    sinks = build_sinks(cfg, args.print_events)
     notifier = Notifier()
     _check_debug_dir(cfg)
     pipeline = Pipeline(

@@ -38,7 +38,11 @@ def header_size(data: bytes, name: str) -> tuple[int, int, str]:
             with Image.open(io.BytesIO(data)) as im:
                 return im.size[0], im.size[1], str(im.format)
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the image claims more than {MAX_IMAGE_PIXELS:,} pixels; refused") from None
+        # Pillow stops reading at twice its own limit, so the exact size is not known here.
+        claimed = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageError(
+            f"{name}: the image claims more than {claimed:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ImageError(f"{name}: not an image (unknown format or damaged header)") from None
 
