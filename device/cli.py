@@ -103,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.source)
     setup_logging(cfg.log_level)
+    _check_debug_dir(cfg)
     # The source first: a mistyped path is reported before seconds of model loading.
     try:
         source = ReopeningSource(open_source(cfg.camera.source, cfg.camera), cfg.camera)
@@ -113,7 +114,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     classifier = build_classifier(cfg)
     detector = build_detector(cfg.detector)
     notifier = Notifier()
-    _check_debug_dir(cfg)
     pipeline = Pipeline(
         cfg,
         source,

@@ -164,3 +164,20 @@ def test_damaged_page_keeps_every_readable_event(tmp_path: Path, caplog: pytest.
     s = Spool(path, 10_000, 3600)  # the rebuilt file is healthy: no second recovery
     assert len(s) == len(kept) + 1 and caplog.text.count("was damaged") == 1
     s.close()
+
+
+def test_a_spool_cut_short_keeps_what_remains_and_counts_the_rest(tmp_path: Path) -> None:
+    # A full disk or a torn copy leaves half a file whose header still claims every page:
+    # SQLite then refuses even the schema, and every event used to be lost uncounted.
+    path = tmp_path / "s.sqlite"
+    s = Spool(path, 100_000, 3600)
+    for i in range(2000):
+        s.append(f"e{i:05d}-" + "x" * 200)
+    s.close()
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    s = Spool(path, 100_000, 3600)
+    kept = [p for _, p in s.after(0, 5000)]
+    assert 500 < len(kept) < 2000 and kept == sorted(kept) and kept[0].startswith("e00000")
+    assert s.lost_to_corruption == 2000 - len(kept)  # counted in stats.spool_dropped
+    s.close()

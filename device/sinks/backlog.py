@@ -7,7 +7,8 @@ kept: once an event is in memory, later ones follow it there until memory has dr
 publisher sends spooled events before memory ones. Only beyond the memory bound is the oldest
 one dropped, and counted.
 
-Keys order the backlog: `(0, rowid)` for spooled events, `(1, n)` for events in memory.
+Keys name an event: `(0, rowid)` when spooled, `(1, n)` when in memory. A publisher's cursor
+is a pair, the last rowid and the last memory number it has handed on (`advance`).
 """
 
 from __future__ import annotations
@@ -76,19 +77,19 @@ class Backlog:
             self._disk_error = str(error)
             log.error("%s; keeping events in memory (up to %d) until it can be written", error, self.memory_events)
 
-    def after(self, cursor: Key, limit: int) -> list[tuple[Key, str]]:
-        """Up to `limit` events after `cursor`, oldest first."""
-        out: list[tuple[Key, str]] = []
-        if cursor[0] == 0:
-            try:
-                rows = self.spool.after(cursor[1], limit)
-            except SpoolError as e:
-                log.error("%s", e)
-                rows = []
-            out = [((0, rowid), payload) for rowid, payload in rows]
-            if len(out) == limit:
-                return out
-            cursor = (1, 0)
+    def after(self, cursor: tuple[int, int], limit: int) -> list[tuple[Key, str]]:
+        """Up to `limit` events past `cursor` (last rowid, last memory number), oldest first.
+
+        Spooled events always come first: while memory holds any event, every spooled one is
+        older (new events follow into memory until it has drained)."""
+        try:
+            rows = self.spool.after(cursor[0], limit)
+        except SpoolError as e:
+            log.error("%s", e)
+            rows = []
+        out: list[tuple[Key, str]] = [((0, rowid), payload) for rowid, payload in rows]
+        if len(out) == limit:
+            return out
         with self._lock:
             for n, payload in self._memory.items():
                 if len(out) >= limit:
@@ -146,3 +147,8 @@ class Backlog:
                 self.memory_dropped += len(memory) - i
                 break
         self.spool.close()
+
+
+def advance(cursor: tuple[int, int], key: Key) -> tuple[int, int]:
+    """The cursor after handing on the event `key`."""
+    return (key[1], cursor[1]) if key[0] == 0 else (cursor[0], key[1])

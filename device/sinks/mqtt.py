@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device.config import Config, ConfigError
-from device.sinks.backlog import Backlog, Key
+from device.sinks.backlog import Backlog, Key, advance
 from device.sinks.base import CommandHandler, Sink
 from device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
 from device.spool import Spool
@@ -90,7 +90,8 @@ class MqttSink(Sink):
         self._pub = threading.RLock()
         # Guarded by _pub: connection view of the publisher.
         self._connected = False
-        self._cursor: Key = (0, 0)  # backlog key of the last event handed to paho on this connection
+        # Last rowid and last memory number handed to paho on this connection (backlog.advance).
+        self._cursor = (0, 0)
         self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
         self._published = 0
         self._state_sent: str | None = None
@@ -428,7 +429,7 @@ class MqttSink(Sink):
                 for key, payload in rows:
                     info = self._client.publish(self.topics.events, payload, qos=1)
                     self._inflight[info.mid] = key
-                    self._cursor = key
+                    self._cursor = advance(self._cursor, key)
                 if len(rows) < room:
                     return
 
