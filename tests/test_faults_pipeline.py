@@ -100,16 +100,17 @@ def test_command_answers_are_bounded() -> None:
 
 
 def test_frames_not_read_while_paused_are_not_dropped_frames() -> None:
-    p = pipeline(config("demo"), [Recorder()])
+    # 2 fps: processing a frame takes far less than a period, so the loop itself never drops one.
+    p = pipeline(config("demo", camera={"fps": 2}), [Recorder()])
     p.source.open()
-    for _ in range(5):
+    for _ in range(3):
         p.process(p.source.read())
     p.handle_command({"command": "pause"})
     p._between_frames()
-    time.sleep(1.5)  # the demo camera goes on counting frames meanwhile
+    time.sleep(2.5)  # the demo camera goes on counting frames meanwhile: 5 of them
     p.handle_command({"command": "resume"})
     p._between_frames()
-    for _ in range(5):
+    for _ in range(3):
         p.process(p.source.read())
     assert p.stats()["dropped_frames"] == 0
     p.source.close()
