@@ -85,7 +85,6 @@ class MqttSink(Sink):
         self._availability_every_s = self._m.stats_interval_s
         self._availability_at = -1e9
         self._rejected = 0
-        self._callback_errors = 0
 
         self._pub = threading.RLock()
         # Guarded by _pub: connection view of the publisher.
@@ -278,7 +277,6 @@ class MqttSink(Sink):
             try:
                 callback(*args)
             except Exception:
-                self._callback_errors += 1
                 log.exception("MQTT callback %s failed", callback.__name__)
 
         return run
@@ -383,7 +381,7 @@ class MqttSink(Sink):
             with self._cond:
                 mids, self._acked_mids = self._acked_mids, []
                 rejected, self._rejected_mids = self._rejected_mids, []
-            acked = [key for key in map(self._inflight.pop, mids, [None] * len(mids)) if key is not None]
+            acked = [key for key in (self._inflight.pop(mid, None) for mid in mids) if key is not None]
             self._published += len(acked)
             refused = sum(self._inflight.pop(mid, None) is not None for mid in rejected)
             if refused:
