@@ -38,7 +38,8 @@ Options:
                               service is started there
   --uninstall                 remove the service and /opt/serenbox; keeps the configuration
                               in /etc/serenbox and the spool in /var/lib/serenbox
-  --purge                     with --uninstall: also remove those and the user '$SERVICE_USER'
+  --purge                     with --uninstall: also remove those, the unit's drop-ins and
+                              the user '$SERVICE_USER'
   -h, --help                  this help
 EOF
 }
@@ -335,11 +336,12 @@ do_uninstall() {
     rm -rf "$OPT"
     say "removed $SERVICE.service and $OPT"
     if ((PURGE)); then
-        rm -rf "$ETC" "$STATE"
+        # Drop-ins (systemctl edit serenbox) are local configuration too.
+        rm -rf "$ETC" "$STATE" "$UNIT.d"
         if ((MANAGE_USERS)) && [[ -n $(lookup passwd "$SERVICE_USER") ]]; then
             userdel "${prefix_args[@]}" "$SERVICE_USER"
         fi
-        say "purged $ETC, $STATE and the user '$SERVICE_USER'"
+        say "purged $ETC, $STATE, $UNIT.d and the user '$SERVICE_USER'"
     else
         say "kept $ETC and $STATE (--uninstall --purge removes them)"
     fi
