@@ -82,6 +82,8 @@ START_S=$SECONDS
 RUN=
 NSPAWN_PID=
 PID1=
+qemu_env=() # qemu reads the CPU model from each program's environment
+[[ $ARCH == arm64 ]] && qemu_env=("QEMU_CPU=$CPU_MODEL")
 BINFMT_MOUNTED=0
 BINFMT_ENABLED=0
 readonly BINFMT=/proc/sys/fs/binfmt_misc
@@ -106,9 +108,15 @@ alive() { [[ -n $1 && -e /proc/$1 ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/
 stop_container() {
     [[ -n $NSPAWN_PID ]] || return 0
     if alive "$NSPAWN_PID"; then
-        # nspawn asks the container's systemd to power off.
-        kill -TERM "$NSPAWN_PID" 2>/dev/null || true
         local i
+        # Power off from inside: nspawn's own way (SIGTERM -> SIGRTMIN+3 to the container's init)
+        # arrives as another real-time signal under qemu-user, which means rescue mode to systemd.
+        if [[ -n $PID1 ]] && alive "$PID1"; then
+            timeout 20 nsenter --target "$PID1" --all --root --wd env -i PATH=/usr/bin:/bin "${qemu_env[@]}" \
+                systemctl poweroff --no-block >/dev/null 2>&1 || kill -TERM "$NSPAWN_PID" 2>/dev/null || true
+        else
+            kill -TERM "$NSPAWN_PID" 2>/dev/null || true
+        fi
         for ((i = 0; i < 120; i++)); do
             alive "$NSPAWN_PID" || break
             sleep 0.5
@@ -266,7 +274,7 @@ reference_file() {
     local key
     key=$(cd "$SRC" && {
         find device -type f \( -name '*.py' -o -name '*.tflite' -o -name '*.json' \) -print0 | sort -z | xargs -0 sha256sum
-        sha256sum pyproject.toml
+        sha256sum pyproject.toml systemd/testbed/int8_scores.py
     } | sha256sum | cut -c1-12)
     echo "$CACHE/reference/int8-$key.json"
 }
@@ -356,15 +364,20 @@ for ((i = 0; i < 100; i++)); do
 done
 [[ -n $PID1 ]] || die "no container init found after 20 s"
 
-qemu_env=()
-[[ $ARCH == arm64 ]] && qemu_env=("QEMU_CPU=$CPU_MODEL")
 bed() { # run a command inside the booted root, as root, with a clean environment
     nsenter --target "$PID1" --all --root --wd env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         LANG=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0 "${qemu_env[@]}" "$@"
 }
 
-state=$(timeout 180 nsenter --target "$PID1" --all --root --wd env -i PATH=/usr/bin:/bin "${qemu_env[@]}" \
-    systemctl is-system-running --wait 2>/dev/null) || true
+# The init found may not have set up its root yet: ask until systemd answers.
+state=
+for ((i = 0; i < 180; i++)); do
+    state=$(timeout 180 nsenter --target "$PID1" --all --root --wd env -i PATH=/usr/bin:/bin "${qemu_env[@]}" \
+        systemctl is-system-running --wait 2>/dev/null) || true
+    [[ -n $state && $state != offline && $state != unknown ]] && break
+    alive "$NSPAWN_PID" || break
+    sleep 1
+done
 say "booted in $((SECONDS - t0)) s: $state"
 [[ $state == running || $state == degraded ]] || die "the root did not boot (state '$state'; console: $(tail -n 5 "$RUN/console.log"))"
 [[ $state == degraded ]] && say "failed units: $(bed systemctl --failed --no-legend --plain | tr '\n' ' ')"
@@ -663,27 +676,44 @@ chk_watchdog() {
 }
 
 chk_classify() {
-    local out reference
+    local out reference scores
     reference=$(reference_file)
     out=$(bed "$VENV/bin/serenbox" classify /etc/serenbox-testbed/astronaut.png) || { DETAIL="serenbox classify failed"; return 1; }
-    local scores
     scores=$(bed "$VENV/bin/python" /etc/serenbox-testbed/int8_scores.py /etc/serenbox-testbed/astronaut.png) ||
         { DETAIL="the int8 probe failed"; return 1; }
-    local probe='import json,sys; d=json.loads(sys.argv[1]); print(json.dumps({"boxes": d["boxes"], "int8": d["int8"]}))'
-    local mine
-    mine=$("$PYTHON" -c "$probe" "$scores")
     if [[ $ARCH == amd64 ]]; then
         mkdir -p "$(dirname "$reference")"
         echo "$scores" >"$reference"
-        DETAIL="$(grep -o '"emotion":"[a-z]*","confidence":[0-9.]*' <<<"$out" | head -n 1); int8 $mine; reference for arm64: $reference"
-        [[ $mine == *'"int8": [['* ]]
-    else
-        [[ -f $reference ]] || { DETAIL="no amd64 reference $reference: run systemd/testbed.sh amd64 first (same device code)"; return 1; }
-        local theirs
-        theirs=$("$PYTHON" -c "$probe" "$(cat "$reference")")
-        DETAIL="arm64 ($CPU_MODEL) $mine; amd64 $theirs; versions arm64 $("$PYTHON" -c 'import json,sys; print(json.loads(sys.argv[1])["versions"])' "$scores")"
-        [[ $mine == "$theirs" && $mine == *'"int8": [['* ]]
+        DETAIL="$(grep -o '"emotion":"[a-z]*","confidence":[0-9.]*' <<<"$out" | head -n 1); int8 $(
+            "$PYTHON" -c 'import json,sys; print(json.loads(sys.argv[1])["int8"])' "$scores"
+        ); saved as the arm64 reference $reference"
+        [[ $out == *'"emotion":'* && $scores == *'"int8": [['* ]]
+        return
     fi
+    [[ -f $reference ]] || { DETAIL="no amd64 reference $reference: run systemd/testbed.sh amd64 first (same device code)"; return 1; }
+    # Same faces, same emotion, and the int8 outputs equal or one quantization step apart: XNNPACK's
+    # NEON and x86 kernels round requantization differently (measured: see docs/install.md).
+    DETAIL=$("$PYTHON" - "$scores" "$(cat "$reference")" "$CPU_MODEL" <<'EOF'
+import json, sys
+arm, x86, cpu = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+pairs = [(a, b) for fa, fb in zip(arm["int8"], x86["int8"]) for a, b in zip(fa, fb)]
+worst = max((abs(a - b) for a, b in pairs), default=99)
+differ = sum(a != b for a, b in pairs)
+top = lambda d: [max(p, key=p.get) for p in d["published"]]
+held = arm["boxes"] == x86["boxes"] and top(arm) == top(x86) and len(arm["int8"]) == len(x86["int8"]) > 0 and worst <= 1
+what = "identical" if differ == 0 else f"{differ} of {len(pairs)} differ by <= {worst} step"
+print(f"{'HELD' if held else 'NOT'} {cpu}: int8 {what}: arm64 {arm['int8']} amd64 {x86['int8']}; "
+      f"{top(arm)} {[max(p.values()) for p in arm['published']]} vs {top(x86)} {[max(p.values()) for p in x86['published']]}")
+EOF
+    )
+    [[ $DETAIL == HELD* ]] || return 1
+    DETAIL=${DETAIL#HELD }
+    local cpu other
+    for cpu in cortex-a76 max; do # for the record: another Pi, and qemu's default CPU
+        other=$(bed env QEMU_CPU=$cpu "$VENV/bin/python" /etc/serenbox-testbed/int8_scores.py /etc/serenbox-testbed/astronaut.png 2>&1 |
+            tail -n 1 | grep -o '"int8": \[\[[^]]*\]\]' || echo "crashed")
+        info "int8 under QEMU_CPU=$cpu" "$other"
+    done
 }
 
 chk_no_tensorflow() {
@@ -695,8 +725,9 @@ chk_no_tensorflow() {
 }
 
 chk_events_arm64() {
-    # qemu-user cannot give the service a user namespace; everything else is the shipped unit.
-    bed sh -c "mkdir -p /etc/systemd/system/serenbox.service.d && printf '[Service]\nPrivateUsers=no\n' >/etc/systemd/system/serenbox.service.d/testbed-qemu.conf"
+    # qemu-user cannot give the service a user namespace; otherwise the shipped unit.
+    # The service gets a /proc of its own (ProtectProc=): the Cortex-A72 cpuinfo is bound into it.
+    bed sh -c "mkdir -p /etc/systemd/system/serenbox.service.d && printf '[Service]\nPrivateUsers=no\nBindReadOnlyPaths=/etc/serenbox-testbed/cpuinfo:/proc/cpuinfo\n' >/etc/systemd/system/serenbox.service.d/testbed-qemu.conf"
     bed systemctl daemon-reload
     local c t0=$SECONDS
     c=$(cursor)

@@ -1,4 +1,5 @@
-"""Raw int8 model outputs for the faces in one photo, as JSON: the test bed's cross-architecture probe.
+"""Raw int8 model outputs for the faces in one photo, and the probabilities `serenbox classify`
+publishes for them, as JSON: the test bed's cross-architecture probe.
 
 Run by systemd/testbed.sh with the installed venv's Python inside the booted root. The published
 probabilities are rounded, so two machines could agree on them while their int8 outputs differ;
@@ -16,6 +17,7 @@ import cv2
 
 from device.classifier import Classifier, resolve_model_path, to_gray
 from device.config import from_dict
+from device.events import rounded_probabilities
 from device.faces import build_detector
 from device.interpreter import runtime_version
 
@@ -30,8 +32,9 @@ def main(photo: str) -> None:
         classifier._invoke(classifier._interpreters[1], classifier.prepare(crop)[None]).ravel().tolist()
         for crop in classifier.crops(gray, boxes, cfg.detector.margin)
     ]
+    published = [rounded_probabilities(p) for p in classifier.classify(gray, boxes, cfg.detector.margin)]
     versions = {"runtime": runtime_version(), "numpy": version("numpy"), "opencv": version("opencv-python-headless")}
-    print(json.dumps({"boxes": boxes, "int8": raw, "versions": versions}, sort_keys=True))
+    print(json.dumps({"boxes": boxes, "int8": raw, "published": published, "versions": versions}, sort_keys=True))
 
 
 if __name__ == "__main__":
