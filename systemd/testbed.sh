@@ -410,11 +410,13 @@ CONFIG=/etc/serenbox/serenbox.yaml
 VENV=/opt/serenbox/venv
 
 prop() { bed systemctl show serenbox -p "$1" --value; }
-cursor() { bed journalctl -n 1 -o export --no-pager | sed -n 's/^__CURSOR=//p'; }
-journal_after() { # journal_after CURSOR [journalctl options]: serenbox's lines since the cursor
+# A point in the journal's time. Not a cursor: with a filter (-p, -u) that the cursor's own entry
+# does not match, journalctl --after-cursor skips the first matching entry after it.
+cursor() { bed date +%s.%6N; }
+journal_after() { # journal_after MARK [journalctl options]: serenbox's lines since the mark
     local c=$1
     shift
-    bed journalctl -u serenbox --after-cursor="$c" -o cat --no-pager "$@"
+    bed journalctl -u serenbox --since="@$c" -o cat --no-pager "$@"
 }
 wait_for() { # wait_for SECONDS COMMAND...: poll until the command succeeds
     local deadline=$((SECONDS + $1))
@@ -670,7 +672,7 @@ chk_watchdog() {
     wait_for 60 restarted
     local rc=$?
     local log
-    log=$(bed journalctl -u serenbox --after-cursor="$c" -o cat --no-pager | grep -m 1 -i 'watchdog timeout')
+    log=$(journal_after "$c" | grep -m 1 -i 'watchdog timeout')
     DETAIL="WatchdogSec=${BED_WATCHDOG_S}s (bed drop-in): SIGSTOPped pid $pid; now pid $(prop MainPID), NRestarts $restarts -> $(prop NRestarts); journal: ${log:-no watchdog line}"
     ((rc == 0)) && [[ -n $log ]]
 }
@@ -767,7 +769,9 @@ chk_host_clean() {
     after=$(host_state)
     local diff
     diff=$(diff <(cat "$HOST_BEFORE") <(echo "$after") | grep '^[<>]' | head -n 5 | tr '\n' ';')
-    DETAIL="container, copy of the root, mounts, cgroups${ARCH/amd64/}${ARCH/arm64/, binfmt entry} and host files: ${diff:-as before}"
+    local what="container, copy of the root, mounts, cgroups"
+    [[ $ARCH == arm64 ]] && what+=", binfmt entry"
+    DETAIL="$what and host files: ${diff:-as before}"
     [[ -z $diff ]]
 }
 DETAIL=
