@@ -737,7 +737,11 @@ chk_events_arm64() {
     local ready=$((SECONDS - t0))
     wait_for 120 journal_has "$c" '"type":"new"'
     local rc=$?
-    DETAIL="service active after ${ready} s (PrivateUsers=no drop-in), Status: $(status_line); event: $(journal_after "$c" | grep -m 1 -o '{"type":"new".\{0,60\}')"
+    wait_for 30 status_has_fps
+    DETAIL="service active after ${ready} s (PrivateUsers=no drop-in), Status: $(status_line); event: $(journal_after "$c" | grep -m 1 -o '"type":"new".\{0,50\}')"
+    local st
+    st=$(bed cat "/proc/$(prop MainPID)/status")
+    info "sandbox under qemu" "NoNewPrivs $(sed -n 's/^NoNewPrivs:[[:space:]]*//p' <<<"$st"); Seccomp $(sed -n 's/^Seccomp:[[:space:]]*//p' <<<"$st"); CapEff $(sed -n 's/^CapEff:[[:space:]]*//p' <<<"$st")"
     return $rc
 }
 
