@@ -250,6 +250,8 @@ build_wheelhouse() { # $RUN/wheelhouse: this checkout's wheel plus every depende
             die "pip download of the $ARCH wheels failed (log: $CACHE/pip-download-$ARCH.log)"
         rm -f "$DEPS"/serenbox-*.whl
         touch "$DEPS/.complete"
+        # Wheels for an older pyproject.toml are not needed again.
+        find "$CACHE/wheels" -mindepth 1 -maxdepth 1 -name "$ARCH-*" ! -path "$DEPS" -exec rm -rf {} +
         say "wheels downloaded in $((SECONDS - t0)) s ($(du -sh "$DEPS" | cut -f1))"
     fi
     mkdir -p "$RUN/wheelhouse"
