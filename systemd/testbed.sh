@@ -3,7 +3,7 @@
 # bookworm root, systemd 252 as on Raspberry Pi OS), offline, and check what only a real systemd
 # can show. amd64 proves the unit (readiness, watchdog, reload, stop, journal priorities,
 # hardening, MQTT); arm64 runs under qemu-user as a Cortex-A72 (a Pi 4) and proves the arm64
-# install and that the model scores exactly as on x86. See docs/install.md, "The test bed".
+# install and that the model scores as on x86. See docs/install.md, "The test bed".
 #
 #   sudo systemd/testbed.sh amd64|arm64     build or reuse the root, boot it, check, tear down
 #   sudo systemd/testbed.sh --prepare ARCH  only build the cached root and wheelhouse
@@ -36,7 +36,7 @@ PYTHON=${SERENBOX_TESTBED_PYTHON:-python3}
 CPU_MODEL=${SERENBOX_TESTBED_CPU:-cortex-a72}
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
 }
 
 die() { # a setup problem, not a failed check
@@ -338,6 +338,7 @@ EOF
 fi
 
 say "booting the root (systemd-nspawn -b, private network)"
+t0=$SECONDS
 # The unified cgroup hierarchy and bpf() let systemd apply DevicePolicy=/IPAddressDeny= inside.
 SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn --quiet -D "$RUN/root" -b --register=no --keep-unit \
     --machine=serenbox-testbed --private-network --system-call-filter=bpf --console=passive \
