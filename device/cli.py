@@ -22,6 +22,7 @@ from device import __version__, images
 from device.classifier import Classifier, ModelError, resolve_model_path, to_gray
 from device.config import Config, ConfigError, load
 from device.events import dominant, normalised_box, rounded_probabilities
+from device.logs import setup_logging
 from device.signals import SignalThread
 
 log = logging.getLogger("serenbox")
@@ -57,20 +58,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-def setup_logging(level: str) -> None:
-    # Under systemd the journal stamps each line itself; elsewhere a timestamp helps.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def load_config(path: str | None, source: str | None = None) -> Config:

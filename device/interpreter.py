@@ -8,7 +8,12 @@ installed (a developer machine) and is never required on a SerenBox.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+from device.logs import native_stderr_to_log
+
+log = logging.getLogger(__name__)
 
 _RUNTIMES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
 
@@ -32,8 +37,11 @@ def interpreter_class() -> tuple[type, str]:
 
 def load_interpreter(model_path: str, num_threads: int = 1) -> Any:
     cls, _ = interpreter_class()
-    interpreter = cls(model_path=str(model_path), num_threads=num_threads)
-    interpreter.allocate_tensors()
+    # The runtime's C++ announces its XNNPACK delegate on stderr while it builds and plans the
+    # graph; caught here, that line is logged at DEBUG instead of landing raw in the journal.
+    with native_stderr_to_log(log, "tflite"):
+        interpreter = cls(model_path=str(model_path), num_threads=num_threads)
+        interpreter.allocate_tensors()
     return interpreter
 
 

@@ -38,7 +38,8 @@ Options:
                               service is started there
   --uninstall                 remove the service and /opt/serenbox; keeps the configuration
                               in /etc/serenbox and the spool in /var/lib/serenbox
-  --purge                     with --uninstall: also remove those and the user '$SERVICE_USER'
+  --purge                     with --uninstall: also remove those, the unit's drop-ins and
+                              the user '$SERVICE_USER'
   -h, --help                  this help
 EOF
 }
@@ -175,6 +176,18 @@ check_python() {
         fail "$PYTHON cannot create virtual environments (apt-get install python3-venv)"
 }
 
+# copy_source DIR: what the package build needs (pyproject.toml and the packages it lists), without
+# caches, build leftovers or a developer's .venv.
+copy_source() {
+    local dest=$1 part
+    mkdir -p "$dest"
+    for part in pyproject.toml README.md device converter training; do
+        [[ -e $SRC/$part ]] || fail "$SRC/$part is missing: not a complete SerenBox checkout"
+        cp -R "$SRC/$part" "$dest/" || fail "cannot copy $SRC/$part to $dest"
+    done
+    find "$dest" -depth \( -name __pycache__ -o -name '*.egg-info' \) -exec rm -rf {} + 2>/dev/null || true
+}
+
 install_venv() {
     check_python
     local site=()
@@ -205,8 +218,13 @@ install_venv() {
         "${pip[@]}" --no-index --find-links "$WHEELHOUSE" 'serenbox[device]' ||
             fail "pip could not install from $WHEELHOUSE (a wheel missing, or built for another Python or CPU?)"
     else
+        # pip builds in the source tree (setuptools writes serenbox.egg-info there), which fails in a
+        # read-only checkout (a mounted release, a root-owned copy): build from a private copy.
+        local build=$WORK/src
+        copy_source "$build"
         say "installing ${SRC}[device] (downloads from PyPI)"
-        "${pip[@]}" "${SRC}[device]" || fail "pip could not install ${SRC}[device] (no network? use --wheelhouse)"
+        "${pip[@]}" "${build}[device]" ||
+            fail "pip could not install ${SRC}[device] (see pip's message above: no network? then use --wheelhouse)"
     fi
     # The promise of the device extra: TensorFlow never reaches the box.
     if "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorflow") is None)'; then
@@ -259,7 +277,12 @@ enable_service() {
     systemctl enable "$SERVICE.service"
     if ((START)); then
         # restart, not start: a re-run after an upgrade must load the new code.
-        systemctl restart "$SERVICE.service"
+        if ! systemctl restart "$SERVICE.service"; then
+            # systemctl's own line names no cause; the daemon's error is in the journal.
+            echo "install.sh: the last lines of its log:" >&2
+            journalctl -u "$SERVICE" -n 10 --no-pager -o cat 2>/dev/null | sed 's/^/    /' >&2 || true
+            fail "installed, but $SERVICE.service did not start: read 'journalctl -u $SERVICE -n 50', fix the cause (often /etc/serenbox/serenbox.yaml), then 'systemctl restart $SERVICE'"
+        fi
         say "started $SERVICE.service"
     else
         say "enabled, not started (--no-start): systemctl start $SERVICE"
@@ -313,11 +336,12 @@ do_uninstall() {
     rm -rf "$OPT"
     say "removed $SERVICE.service and $OPT"
     if ((PURGE)); then
-        rm -rf "$ETC" "$STATE"
+        # Drop-ins (systemctl edit serenbox) are local configuration too.
+        rm -rf "$ETC" "$STATE" "$UNIT.d"
         if ((MANAGE_USERS)) && [[ -n $(lookup passwd "$SERVICE_USER") ]]; then
             userdel "${prefix_args[@]}" "$SERVICE_USER"
         fi
-        say "purged $ETC, $STATE and the user '$SERVICE_USER'"
+        say "purged $ETC, $STATE, $UNIT.d and the user '$SERVICE_USER'"
     else
         say "kept $ETC and $STATE (--uninstall --purge removes them)"
     fi

@@ -218,17 +218,22 @@ def test_second_run_keeps_config_and_secrets(staged: tuple[Path, str], wheelhous
 
 def test_uninstall_keeps_data_and_purge_removes_it(staged: tuple[Path, str]) -> None:
     root, _ = staged
+    dropin = root / "etc/systemd/system/serenbox.service.d/local.conf"  # what `systemctl edit` writes
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text("[Service]\nMemoryMax=768M\n")
     out = run_install("--root", root, "--uninstall").stdout
     assert not (root / "etc/systemd/system/serenbox.service").exists()
     assert not (root / "etc/systemd/system/multi-user.target.wants/serenbox.service").is_symlink()
     assert not (root / "opt/serenbox").exists()
     assert (root / "etc/serenbox/serenbox.yaml").read_text() == "device_id: living-room\n"
     assert (root / "var/lib/serenbox").is_dir()
+    assert dropin.is_file()  # local configuration, like serenbox.yaml
     assert "kept" in out
     run_install("--root", root, "--uninstall")  # idempotent
     run_install("--root", root, "--uninstall", "--purge")
     assert not (root / "etc/serenbox").exists()
     assert not (root / "var/lib/serenbox").exists()
+    assert not dropin.parent.exists()
     if IS_ROOT:
         assert entry(root, "passwd", "serenbox") is None
 
