@@ -8,6 +8,7 @@ peak resident set (ru_maxrss from wait4), with the time it took and how it ended
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 import subprocess
@@ -58,29 +59,40 @@ def classify(path: Path) -> tuple[float, float, int, str]:
     return usage.ru_maxrss / 1024, took, proc.returncode, what
 
 
-def main() -> None:
+def make_cases(folder: Path) -> dict[str, Path]:
+    """The test photos, written by a child process: a parent holding 40-megapixel arrays would
+    pass its own peak on to every process it starts (ru_maxrss counts the memory a child shares
+    with its parent until it execs), and the figures would be the parent's."""
     side = int((MAX_IMAGE_PIXELS * 4 / 3) ** 0.5)
     width, height = side, MAX_IMAGE_PIXELS // side  # 4:3, just under the limit
+    cases = {
+        f"largest accepted JPEG {width}x{height}": folder / "max.jpg",
+        f"largest accepted PNG {width}x{height}": folder / "max.png",
+        "small photo 640x480": folder / "small.jpg",
+        "refused: 74-byte PNG claiming 65535x65535": folder / "bomb.png",
+        "refused: real JPEG 8000x6000 (48 MP)": folder / "big.jpg",
+    }
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_write_cases, args=(folder, width, height))
+    child.start()
+    child.join()
+    return cases
+
+
+def _write_cases(folder: Path, width: int, height: int) -> None:
+    image = photo(width, height)
+    cv2.imwrite(str(folder / "max.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    cv2.imwrite(str(folder / "max.png"), image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    cv2.imwrite(str(folder / "small.jpg"), photo(640, 480))
+    (folder / "bomb.png").write_bytes(png_claiming(65535, 65535))
+    cv2.imwrite(str(folder / "big.jpg"), photo(8000, 6000))
+
+
+def main() -> None:
     with tempfile.TemporaryDirectory() as d:
-        folder = Path(d)
-        cases = {}
-        image = photo(width, height)
-        cases[f"largest accepted JPEG {width}x{height}"] = folder / "max.jpg"
-        cv2.imwrite(str(cases[f"largest accepted JPEG {width}x{height}"]), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        cases[f"largest accepted PNG {width}x{height}"] = folder / "max.png"
-        cv2.imwrite(str(cases[f"largest accepted PNG {width}x{height}"]), image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        del image
-        cases["small photo 640x480"] = folder / "small.jpg"
-        cv2.imwrite(str(cases["small photo 640x480"]), photo(640, 480))
-        cases["refused: 74-byte PNG claiming 65535x65535"] = folder / "bomb.png"
-        cases["refused: 74-byte PNG claiming 65535x65535"].write_bytes(png_claiming(65535, 65535))
-        big = photo(8000, 6000)
-        cases["refused: real JPEG 8000x6000 (48 MP)"] = folder / "big.jpg"
-        cv2.imwrite(str(cases["refused: real JPEG 8000x6000 (48 MP)"]), big)
-        del big
+        cases = make_cases(Path(d))
         print(f"{'case':46} {'file MB':>8} {'peak RSS MB':>12} {'s':>6} {'exit':>5}  result")
-        for name in cases:
-            path = cases[name]
+        for name, path in cases.items():
             rss, took, code, what = classify(path)
             mb = path.stat().st_size / 1e6
             print(f"{name:46} {mb:8.2f} {rss:12.1f} {took:6.2f} {code:5d}  {what[:60]}")
