@@ -66,7 +66,7 @@ class DetectorConfig:
     # blazeface only: "short" (128×128, faces within about 2 m) or "full" (192×192, across a room)
     blazeface_model: Literal["short", "full"] = "short"
     score_threshold: float = _f(0.5, **_range(0, 1, lo_open=True))  # lower finds more faces and more non-faces
-    # A candidate is kept only if a second, centred look scores this much (0: no second look).
+    # short only: a candidate is kept only if a second, centred look scores this much (0: no second look)
     verify_threshold: float = _f(0.7, **_range(0, 1))
     nms_iou: float = _f(0.3, **_range(0, 1, lo_open=True))  # boxes overlapping more than this are one face
     num_threads: int = _f(1, **_range(1, 64))  # TFLite interpreter threads for the detector

@@ -44,11 +44,16 @@ class ModelSpec:
     # sizes (benchmarks/bench_detectors.py shows the effect on a whole grid).
     min_px: float
     max_px: float
+    # Whether candidates get a second, centred look (verify_threshold). The short-range model,
+    # run over a whole scene, is fooled by textures (about 0.5 false faces per frame at score 0.5
+    # in bench_detectors' face-free frames) and a second look at its own scale removes most; the
+    # full-range model is seldom fooled, and scores faces that fill a window poorly.
+    verify: bool
 
 
 MODELS: dict[str, ModelSpec] = {
-    "short": ModelSpec("face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0),
-    "full": ModelSpec("face_detection_full_range_sparse.tflite", 192, (4,), 1, False, 16.0, 192.0),
+    "short": ModelSpec("face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0, True),
+    "full": ModelSpec("face_detection_full_range_sparse.tflite", 192, (4,), 1, False, 16.0, 192.0, False),
 }
 
 
@@ -229,15 +234,18 @@ class BlazeFaceDetector(FaceDetector):
         return any(a.score >= self.cfg.verify_threshold for a, o in zip(again, overlaps, strict=True) if o > 0.3)
 
     def detect(self, gray: np.ndarray) -> list[Face]:
-        # The model was trained on colour; a gray frame repeated over three channels is what a
-        # gray-only pipeline has (see docs/model-card.md, "Faces", for what that costs).
-        rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) if gray.ndim == 2 else cv2.cvtColor(gray, cv2.COLOR_BGR2RGB)
+        # The model was trained on colour; it is given the gray frame on all three channels, as
+        # the pipeline has only gray. Colour frames go through gray too, so that the answer does not
+        # depend on the caller (colour gave no fewer false positives in bench_detectors' scenes).
+        if gray.ndim == 3:
+            gray = cv2.cvtColor(gray, cv2.COLOR_BGR2GRAY)
+        rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
         height, width = rgb.shape[:2]
         found: list[Detection] = []
         for step in self.passes(width, height):
             found.extend(self._infer(rgb, step))
         merged = weighted_nms(found, self.cfg.nms_iou)
-        if self.cfg.verify_threshold > 0:
+        if self.spec.verify and self.cfg.verify_threshold > 0:
             merged = [d for d in merged if self._verified(rgb, d)]
         pairs: dict[Face, Detection] = {}
         for d in merged:
