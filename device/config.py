@@ -56,7 +56,7 @@ class CameraConfig:
 
 @dataclass
 class DetectorConfig:
-    kind: Literal["haar", "blazeface"] = "haar"
+    kind: Literal["haar", "blazeface"] = "blazeface"
     min_face: int = _f(40, **_range(8, 4096))  # pixels, shorter side of the face box
     max_faces: int = _f(5, **_range(1, 64))
     margin: float = _f(0.15, **_range(0, 1))  # crop margin around the box, fraction of its size
@@ -65,7 +65,8 @@ class DetectorConfig:
     min_neighbors: int = _f(5, **_range(1, 50))
     # blazeface only: "short" (128×128, faces within about 2 m) or "full" (192×192, across a room)
     blazeface_model: Literal["short", "full"] = "short"
-    score_threshold: float = _f(0.5, **_range(0, 1, lo_open=True))  # lower finds more faces and more non-faces
+    # null: the model's own (short 0.4, with the second look; full 0.5); lower finds more faces and more non-faces
+    score_threshold: float | None = _f(None, **_range(0, 1, lo_open=True))
     # short only: a candidate is kept only if a second, centred look scores this much (0: no second look)
     verify_threshold: float = _f(0.7, **_range(0, 1))
     nms_iou: float = _f(0.3, **_range(0, 1, lo_open=True))  # boxes overlapping more than this are one face

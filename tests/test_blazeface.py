@@ -198,6 +198,7 @@ def test_config_accepts_the_blazeface_keys() -> None:
         env={},
     ).detector
     assert (cfg.kind, cfg.blazeface_model, cfg.score_threshold, cfg.verify_threshold) == ("blazeface", "full", 0.6, 0.0)
+    assert from_dict({"detector": {"score_threshold": None}}, env={}).detector.score_threshold is None
     assert (cfg.nms_iou, cfg.num_threads) == (0.4, 2)
 
 

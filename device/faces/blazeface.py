@@ -49,11 +49,12 @@ class ModelSpec:
     # in bench_detectors' face-free frames) and a second look at its own scale removes most; the
     # full-range model is seldom fooled, and scores faces that fill a window poorly.
     verify: bool
+    score_threshold: float  # detector.score_threshold when that is null
 
 
 MODELS: dict[str, ModelSpec] = {
-    "short": ModelSpec("face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0, True),
-    "full": ModelSpec("face_detection_full_range_sparse.tflite", 192, (4,), 1, False, 16.0, 192.0, False),
+    "short": ModelSpec("face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0, True, 0.4),
+    "full": ModelSpec("face_detection_full_range_sparse.tflite", 192, (4,), 1, False, 16.0, 192.0, False, 0.5),
 }
 
 
@@ -123,9 +124,8 @@ class BlazeFaceDetector(FaceDetector):
         self.spec = MODELS[cfg.blazeface_model]
         self.path = find_model(self.spec, model_dir)
         self._interpreters: dict[tuple[int, int], tuple[Any, int, int, int, np.ndarray]] = {}
-        self._logit_threshold = (
-            math.log(cfg.score_threshold / (1 - cfg.score_threshold)) if cfg.score_threshold < 1 else math.inf
-        )
+        threshold = self.spec.score_threshold if cfg.score_threshold is None else cfg.score_threshold
+        self._logit_threshold = math.log(threshold / (1 - threshold)) if threshold < 1 else math.inf
         self._passes: dict[tuple[int, int], list[Pass]] = {}
         # Load now, so that a broken file is reported at start-up rather than at the first frame.
         self._interpreter((self.spec.size, self.spec.size))
