@@ -59,9 +59,9 @@ TEXTURES = ("brick", "grass", "gravel", "moon", "page", "text", "retina", "cell"
 # name, config: each backend at the daemon's default and at a min_face low enough for the grid's smallest faces
 BACKENDS: tuple[tuple[str, dict], ...] = (
     ("haar", {"kind": "haar"}),
-    ("haar min20", {"kind": "haar", "min_face": 16}),
+    ("haar min16", {"kind": "haar", "min_face": 16}),
     ("blaze-short", {"kind": "blazeface", "blazeface_model": "short"}),
-    ("blaze-short min20", {"kind": "blazeface", "blazeface_model": "short", "min_face": 16}),
+    ("blaze-short min16", {"kind": "blazeface", "blazeface_model": "short", "min_face": 16}),
     ("blaze-full", {"kind": "blazeface", "blazeface_model": "full"}),
 )
 
