@@ -111,6 +111,17 @@ def test_odd_frame_sizes_keep_boxes_in_frame_pixels(detector: BlazeFaceDetector)
     assert iou(tuple(faces[0]), media.face_in_head(40, 30, 160)) > 0.5
 
 
+def test_frames_of_many_sizes_keep_few_interpreters() -> None:
+    from device.faces.blazeface import MAX_INTERPRETERS
+
+    detector = BlazeFaceDetector(DetectorConfig(kind="blazeface"))
+    for width in range(200, 1000, 50):
+        image = gray(media.scene([(20, 20, 170)], width=width, height=240))
+        faces = detector.detect(image)
+        assert len(faces) == 1 and iou(tuple(faces[0]), media.face_in_head(20, 20, 170)) > 0.5
+        assert len(detector._interpreters) <= MAX_INTERPRETERS
+
+
 def test_short_range_passes_follow_min_face() -> None:
     spec = MODELS["short"]
     near = BlazeFaceDetector(DetectorConfig(kind="blazeface", min_face=40))

@@ -33,6 +33,7 @@ VERIFY_CONTEXT = 2.5
 # Candidates scoring this much skip the second look: no face-free frame in bench_detectors scored
 # above 0.8, while most real faces do, so the second look is spent where it decides something.
 CONFIDENT = 0.8
+MAX_INTERPRETERS = 6  # input sizes kept loaded (a camera needs two, plus the native one)
 STRIDE = 16  # the coarsest feature map's stride: a resized input must be a multiple of it
 
 
@@ -155,6 +156,11 @@ class BlazeFaceDetector(FaceDetector):
         if set(outputs) != {16, 1} or any(d["shape"][1] != len(centres) for d in outputs.values()):
             raise DetectorError(f"detector.kind: blazeface: {self.path} does not have BlazeFace's outputs")
         entry = (interpreter, index, outputs[16]["index"], outputs[1]["index"], centres)
+        if len(self._interpreters) >= MAX_INTERPRETERS:
+            # `serenbox classify` over photos of many sizes must not keep an interpreter for each.
+            native = (self.spec.size, self.spec.size)
+            del self._interpreters[next(k for k in self._interpreters if k != native)]
+            self._passes.clear()
         self._interpreters[input_hw] = entry
         return entry
 
