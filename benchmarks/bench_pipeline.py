@@ -26,6 +26,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this checkout's device/, not whichever one is installed
+
 WIDTH, HEIGHT = 640, 480
 
 
