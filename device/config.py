@@ -63,7 +63,8 @@ class DetectorConfig:
     # haar only
     scale_factor: float = _f(1.1, **_range(1.01, 2.0))
     min_neighbors: int = _f(5, **_range(1, 50))
-    # blazeface only: "short" (128×128, faces within about 2 m) or "full" (192×192, across a room)
+    # blazeface only: "short" (runs at any input size) or "full" (fixed 192×192 input: slower and finds
+    # fewer faces in bench_detectors, but fewer false ones; docs/model-card.md, "Faces")
     blazeface_model: Literal["short", "full"] = "short"
     # null: the model's own (short 0.4, with the second look; full 0.5); lower finds more faces and more non-faces
     score_threshold: float | None = _f(None, **_range(0, 1, lo_open=True))
