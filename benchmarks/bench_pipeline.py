@@ -1,6 +1,6 @@
 """Benchmark the on-device pipeline on a 640×480 video: per-stage latency, fps, memory, first event.
 
-    python benchmarks/bench_pipeline.py [VIDEO] [--model M.tflite] [--faces 1|3] [--threads N]
+    python benchmarks/bench_pipeline.py [VIDEO] [--model M.tflite] [--faces 1|3] [--threads N] [--detector KIND]
 
 Without VIDEO a clip is generated from scikit-image's astronaut photo (1 or 3 faces drifting
 across a 640×480 frame), in a child process so that its imports do not count towards the
@@ -25,6 +25,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this checkout's device/, not whichever one is installed
 
 WIDTH, HEIGHT = 640, 480
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a .tflite with its manifest (default: the shipped model)")
     parser.add_argument("--faces", type=int, choices=(1, 3), default=1, help="faces in the generated clip")
     parser.add_argument("--threads", type=int, default=1, help="TFLite interpreter threads (model.num_threads)")
+    parser.add_argument("--detector", choices=("haar", "blazeface"), help="detector.kind (default: the config default)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the generated clip")
     parser.add_argument("--fps", type=float, default=30.0, help="frame rate of the generated clip")
     parser.add_argument("--make-clip", metavar="OUT", help=argparse.SUPPRESS)  # the child that draws the clip
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "model": {"path": str(model), "num_threads": args.threads},
             "camera": {"source": str(video), "fps": clip_fps},
+            "detector": {"kind": args.detector} if args.detector else {},
         },
         env={},
     )
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"video        {video.name}: {clip_frames} frames at {clip_fps:g} fps, {WIDTH}x{HEIGHT}")
     print(f"model        {model} ({args.threads} thread{'s' if args.threads != 1 else ''})")
+    print(f"detector     {cfg.detector.kind}, min_face {cfg.detector.min_face}")
     print(f"frames       {pipeline.frames} in {elapsed:.2f} s, {sink.count} events")
     print(f"fps          {pipeline.frames / elapsed:.1f} end to end (camera read + all stages)")
     for stage in ("detect", "classify", "track"):

@@ -83,12 +83,22 @@ class CameraConfig:
 
 @dataclass
 class DetectorConfig:
-    kind: Literal["haar"] = "haar"
+    kind: Literal["haar", "blazeface"] = "blazeface"
     min_face: int = _f(40, **_range(8, 4096))  # pixels, shorter side of the face box
     max_faces: int = _f(5, **_range(1, 64))
+    margin: float = _f(0.15, **_range(0, 1))  # crop margin around the box, fraction of its size
+    # haar only
     scale_factor: float = _f(1.1, **_range(1.01, 2.0))
     min_neighbors: int = _f(5, **_range(1, 50))
-    margin: float = _f(0.15, **_range(0, 1))  # crop margin around the box, fraction of its size
+    # blazeface only: "short" (runs at any input size) or "full" (fixed 192×192 input: slower and finds
+    # fewer faces in bench_detectors, but fewer false ones; docs/model-card.md, "Faces")
+    blazeface_model: Literal["short", "full"] = "short"
+    # null: the model's own (short 0.4, with the second look; full 0.5); lower finds more faces and more non-faces
+    score_threshold: float | None = _f(None, **_range(0, 1, lo_open=True))
+    # short only: a candidate is kept only if a second, centred look scores this much (0: no second look)
+    verify_threshold: float = _f(0.7, **_range(0, 1))
+    nms_iou: float = _f(0.3, **_range(0, 1, lo_open=True))  # boxes overlapping more than this are one face
+    num_threads: int = _f(1, **_range(1, 64))  # TFLite interpreter threads for the detector
 
 
 @dataclass

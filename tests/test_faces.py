@@ -1,4 +1,7 @@
-"""The face detector on real pictures: scikit-image's astronaut pasted into scenes."""
+"""Every face detector on real pictures: scikit-image's astronaut pasted into scenes.
+
+The tests that take `kind` run for each backend; Haar's own knobs and errors are tested at the
+end, BlazeFace's in test_blazeface.py."""
 
 from __future__ import annotations
 
@@ -27,9 +30,17 @@ def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / (aw * ah + bw * bh - inter)
 
 
+KINDS = ["haar", "blazeface"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return build_detector(DetectorConfig(min_face=24, max_faces=5))
+def detector(kind: str) -> FaceDetector:
+    return build_detector(DetectorConfig(kind=kind, min_face=24, max_faces=5))
 
 
 def test_finds_the_astronaut_in_the_original_photo(detector: FaceDetector) -> None:
@@ -57,21 +68,21 @@ def test_blank_and_noise_images_have_no_faces(detector: FaceDetector) -> None:
     assert detector.detect(gray(media.scene())) == []
 
 
-def test_min_face_drops_smaller_faces() -> None:
+def test_min_face_drops_smaller_faces(kind: str) -> None:
     image = gray(media.scene([(20, 20, 250), (400, 300, 110)]))  # faces of about 139 and 61 px
-    both = build_detector(DetectorConfig(min_face=30)).detect(image)
+    both = build_detector(DetectorConfig(kind=kind, min_face=30)).detect(image)
     assert len(both) == 2
-    big_only = build_detector(DetectorConfig(min_face=100)).detect(image)
+    big_only = build_detector(DetectorConfig(kind=kind, min_face=100)).detect(image)
     assert len(big_only) == 1
     assert big_only[0].w >= 100
     assert iou(tuple(big_only[0]), media.face_in_head(20, 20, 250)) > 0.5
-    assert build_detector(DetectorConfig(min_face=200)).detect(image) == []
+    assert build_detector(DetectorConfig(kind=kind, min_face=200)).detect(image) == []
 
 
-def test_max_faces_keeps_the_largest_first() -> None:
+def test_max_faces_keeps_the_largest_first(kind: str) -> None:
     heads = [(330, 40, 180), (20, 20, 250), (300, 300, 130)]
     image = gray(media.scene(heads))
-    every = build_detector(DetectorConfig(min_face=30, max_faces=5)).detect(image)
+    every = build_detector(DetectorConfig(kind=kind, min_face=30, max_faces=5)).detect(image)
     assert len(every) == 3
     areas = [f.w * f.h for f in every]
     assert areas == sorted(areas, reverse=True)
@@ -79,27 +90,31 @@ def test_max_faces_keeps_the_largest_first() -> None:
     for face, (x, y, size) in zip(every, sorted(heads, key=lambda h: -h[2]), strict=True):
         assert iou(tuple(face), media.face_in_head(x, y, size)) > 0.5
 
-    two = build_detector(DetectorConfig(min_face=30, max_faces=2)).detect(image)
+    two = build_detector(DetectorConfig(kind=kind, min_face=30, max_faces=2)).detect(image)
     assert two == every[:2]
-    one = build_detector(DetectorConfig(min_face=30, max_faces=1)).detect(image)
+    one = build_detector(DetectorConfig(kind=kind, min_face=30, max_faces=1)).detect(image)
     assert one == every[:1]
 
 
-def test_detection_on_a_downscaled_search_matches_full_resolution() -> None:
+def test_detection_on_a_downscaled_search_matches_full_resolution(kind: str) -> None:
     # A large min_face searches a smaller image; boxes must come back in frame pixels.
     image = gray(media.scene([(150, 60, 300)]))
-    coarse = build_detector(DetectorConfig(min_face=120))
-    assert coarse.scale < 1.0
+    coarse = build_detector(DetectorConfig(kind=kind, min_face=120))
     faces = coarse.detect(image)
     assert len(faces) == 1
     assert iou(tuple(faces[0]), media.face_in_head(150, 60, 300)) > 0.5
 
 
+def test_haar_searches_a_downscaled_frame_for_large_faces() -> None:
+    assert HaarDetector(DetectorConfig(kind="haar", min_face=120)).scale < 1.0
+    assert HaarDetector(DetectorConfig(kind="haar", min_face=24)).scale == 1.0
+
+
 def test_scale_factor_and_min_neighbors_are_used() -> None:
     image = gray(media.scene([(200, 100, 200)]))
-    strict = build_detector(DetectorConfig(min_face=30, min_neighbors=50))
+    strict = build_detector(DetectorConfig(kind="haar", min_face=30, min_neighbors=50))
     assert strict.detect(image) == []  # no real face gathers 50 overlapping hits
-    coarse = build_detector(DetectorConfig(min_face=30, scale_factor=1.5, min_neighbors=1))
+    coarse = build_detector(DetectorConfig(kind="haar", min_face=30, scale_factor=1.5, min_neighbors=1))
     assert len(coarse.detect(image)) >= 1
 
 
@@ -116,7 +131,7 @@ def test_corrupt_cascade_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / CASCADE
     bad.write_text("<opencv_storage>not a cascade</opencv_storage>")
     with pytest.raises(DetectorError, match="not a cascade"):
-        HaarDetector(DetectorConfig(), cascade=bad)
+        HaarDetector(DetectorConfig(kind="haar"), cascade=bad)
 
 
 def test_default_cascade_is_found() -> None:

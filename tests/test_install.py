@@ -156,6 +156,16 @@ def test_installs_a_working_venv_without_tensorflow(staged: tuple[Path, str]) ->
     )
     found = subprocess.run([venv / "bin/python", "-c", probe], capture_output=True, text=True, timeout=60)
     assert found.stdout.split() == ["True", "False"]  # no TensorFlow, the LiteRT interpreter present
+    # The wheel carries the face detector models with their licence (run outside the checkout, so
+    # that the installed package is the one imported).
+    probe = (
+        "from device.config import DetectorConfig; from device.faces import build_detector; "
+        "d = build_detector(DetectorConfig()); folder = d.path.parent; "
+        "print(type(d).__name__, (folder / 'LICENSE').is_file(), (folder / 'PROVENANCE.md').is_file(), "
+        "'site-packages' in str(folder))"
+    )
+    faces = subprocess.run([venv / "bin/python", "-c", probe], capture_output=True, text=True, timeout=60, cwd=root)
+    assert faces.stdout.split() == ["BlazeFaceDetector", "True", "True", "True"], faces.stderr
 
 
 def test_files_modes_and_unit(staged: tuple[Path, str]) -> None:

@@ -1,7 +1,8 @@
 """Face detectors behind one interface (`FaceDetector`), picked by `detector.kind`.
 
-A new detector (a YuNet or TFLite one, say) is a module with a FaceDetector subclass and a line
-in build_detector; everything downstream only sees Face boxes.
+haar: OpenCV's cascade; blazeface: MediaPipe's BlazeFace on the TFLite interpreter. A new
+detector is a module with a FaceDetector subclass and a line in build_detector; everything
+downstream only sees Face boxes.
 """
 
 from __future__ import annotations
@@ -17,4 +18,8 @@ def build_detector(cfg: DetectorConfig) -> FaceDetector:
         from device.faces.haar import HaarDetector
 
         return HaarDetector(cfg)
-    raise DetectorError(f"detector.kind: unknown detector {cfg.kind!r} (known: haar)")
+    if cfg.kind == "blazeface":
+        from device.faces.blazeface import BlazeFaceDetector
+
+        return BlazeFaceDetector(cfg)
+    raise DetectorError(f"detector.kind: unknown detector {cfg.kind!r} (known: haar, blazeface)")
