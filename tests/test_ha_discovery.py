@@ -240,7 +240,7 @@ def test_daemon_announces_reannounces_obeys_the_switch_and_ha_remove_clears(face
             ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(10)
             w.wait_for(lambda: len(configs(w)) >= 2, timeout=10, what="the re-announcement")
             delay = time.monotonic() - said_online
-            assert 0.4 <= delay <= 4.0, delay
+            assert 0.4 <= delay <= 6.0, delay  # 0.5 to 3 s, plus a loaded machine's latency
             assert configs(w)[1].json() == expected
             ha.publish("homeassistant/status", "offline", qos=1).wait_for_publish(10)
 
