@@ -1,4 +1,4 @@
-"""`serenbox`: the daemon (`run`) and the single-photo service (`classify`).
+"""`serenbox`: the daemon (`run`), the single-photo service (`classify`), and `ha-remove`.
 
 Errors a user can fix (configuration, model, image, source) are one line on stderr naming the
 problem and exit 2; no traceback. Logs go to stderr; stdout carries only JSON lines.
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     classify = sub.add_parser("classify", help="emotions of the faces in photos, one JSON line per image")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.add_argument("--config", help="YAML configuration (model and detector settings)")
+    ha_remove = sub.add_parser(
+        "ha-remove", help="remove this box from Home Assistant (clears its retained MQTT discovery config)"
+    )
+    ha_remove.add_argument("--config", required=True, help="YAML configuration (device_id, mqtt, homeassistant)")
     return parser
 
 
@@ -252,11 +256,33 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return status
 
 
+# --- ha-remove -------------------------------------------------------------------------------
+
+
+def cmd_ha_remove(args: argparse.Namespace) -> int:
+    from device.sinks.mqtt import remove_discovery
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    if not cfg.mqtt.host:
+        # Without a broker nothing was ever announced: nothing to remove is not a failure.
+        print("serenbox ha-remove: mqtt.host is not set; nothing to remove", file=sys.stderr)
+        return EXIT_OK
+    try:
+        topic = remove_discovery(cfg)
+    except ConnectionError as e:
+        raise UsageError(str(e)) from None
+    print(f"serenbox ha-remove: cleared {topic} on {cfg.mqtt.host}:{cfg.mqtt.port}", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "ha-remove":
+            return cmd_ha_remove(args)
         return cmd_classify(args)
     except (ConfigError, ModelError, UsageError) as e:
         print(f"serenbox {args.command}: {e}", file=sys.stderr)

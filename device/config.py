@@ -145,6 +145,13 @@ class MqttConfig:
 
 
 @dataclass
+class HomeAssistantConfig:
+    # None: on whenever mqtt.host is set (Home Assistant ignores the message if it does not listen).
+    discovery: bool | None = None
+    prefix: str = _f("homeassistant", kind="topic")  # Home Assistant's discovery prefix
+
+
+@dataclass
 class DebugConfig:
     # Frames and face crops never touch disk unless an operator turns this on explicitly.
     save_crops: bool = False
@@ -162,6 +169,7 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

@@ -321,6 +321,27 @@ SerenBox is installed.
 EOF
 }
 
+# forget_home_assistant: the box is gone for good, so ask Home Assistant to drop its device (an
+# empty retained discovery config). Best effort: an unreachable broker never stops an uninstall.
+forget_home_assistant() {
+    [[ -x $VENV/bin/serenbox && -f $CONFIG ]] || return 0
+    local -a secrets=()
+    local line value
+    if [[ -f $ENV_FILE ]]; then
+        while IFS= read -r line || [[ -n $line ]]; do
+            [[ $line =~ ^(SERENBOX_MQTT_USERNAME|SERENBOX_MQTT_PASSWORD)=(.*)$ ]] || continue
+            value=${BASH_REMATCH[2]}
+            # systemd's EnvironmentFile= strips one pair of quotes around a value; so do we.
+            [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]] && value=${BASH_REMATCH[1]}
+            secrets+=("${line%%=*}=$value")
+        done <"$ENV_FILE"
+    fi
+    # ha-remove says nothing is to be done when the configuration has no mqtt.host.
+    if ! env "${secrets[@]}" timeout 30 "$VENV/bin/serenbox" ha-remove --config "$CONFIG"; then
+        say "could not remove this box from Home Assistant (see above); delete the device there by hand"
+    fi
+}
+
 do_uninstall() {
     if [[ -n $PREFIX ]]; then
         if [[ -e $UNIT ]] && command -v systemctl >/dev/null; then
@@ -333,6 +354,7 @@ do_uninstall() {
     fi
     rm -f "$UNIT"
     systemd_running && systemctl daemon-reload
+    ((PURGE == 0)) || forget_home_assistant
     rm -rf "$OPT"
     say "removed $SERVICE.service and $OPT"
     if ((PURGE)); then

@@ -22,9 +22,13 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.mosquitto import Mosquitto, free_port, mosquitto_binary, retained
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "systemd" / "install.sh"
@@ -281,3 +285,39 @@ def test_wheelhouse_without_serenbox_changes_nothing(tmp_path: Path) -> None:
 def test_installer_is_shellcheck_clean() -> None:
     proc = subprocess.run(["shellcheck", INSTALL], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.slow  # two installs
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_purge_removes_the_box_from_home_assistant(
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, tmp_path: Path
+) -> None:
+    """--purge clears the retained discovery config (with the password from serenbox.env); a broker
+    that is gone does not fail the uninstall."""
+    topic = "homeassistant/device/gone-box/config"
+    with Mosquitto(tmp_path / "broker", users={"serenbox": "env-pw"}) as broker:
+        auth = {"username": "serenbox", "password": "env-pw"}
+        for case in ("reachable", "unreachable"):
+            root = make_root(tmp_path_factory.mktemp(f"root-{case}"))
+            run_install("--root", root, "--wheelhouse", wheelhouse, "--python", BASE_PYTHON, "--no-start")
+            port = broker.port if case == "reachable" else free_port()
+            (root / "etc/serenbox/serenbox.yaml").write_text(
+                f"device_id: gone-box\nmqtt: {{host: {broker.host}, port: {port}, username: serenbox}}\n"
+            )
+            (root / "etc/serenbox/serenbox.env").write_text('SERENBOX_MQTT_PASSWORD="env-pw"\n')
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+            c.username_pw_set(**auth)
+            c.connect(broker.host, broker.port)
+            c.loop_start()
+            c.publish(topic, b'{"dev": {}}', qos=1, retain=True).wait_for_publish(10)
+            c.disconnect()
+            c.loop_stop()
+            proc = run_install("--root", root, "--uninstall", "--purge")
+            assert not (root / "etc/serenbox").exists() and not (root / "opt/serenbox").exists()
+            if case == "reachable":
+                assert f"cleared {topic}" in proc.stderr
+                assert retained(broker, topic, **auth) is None
+            else:
+                assert "cannot reach the MQTT broker" in proc.stderr
+                assert "could not remove this box from Home Assistant" in proc.stdout
+                assert retained(broker, topic, **auth) == b'{"dev": {}}'

@@ -13,6 +13,10 @@ Delivery design (see docs/mqtt.md):
 Locks (acquired only in this order, so paho's callbacks cannot deadlock with the publisher):
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
 `on_publish` holding its message lock, so that callback only touches `_cond`.
+
+Home Assistant discovery (device/sinks/ha_discovery.py): the retained config goes out on every
+connect, and again a moment after Home Assistant says `online` on its status topic; that
+re-announcement runs on a timer thread, never on paho's network thread.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import ssl
 import threading
 import time
@@ -33,6 +38,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device.config import Config, ConfigError
+from device.sinks import ha_discovery
 from device.sinks.backlog import Backlog, Key, advance
 from device.sinks.base import CommandHandler, Sink
 from device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
@@ -52,6 +58,9 @@ _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTT
 # the retained `online` expires by itself instead of lying forever.
 AVAILABILITY_EXPIRY_INTERVALS = 3
 _SESSION_TAKEN_OVER = 0x8E
+# Home Assistant restarting says `online` to every device at once: spread the answers out.
+ANNOUNCE_DELAY_S = (0.5, 3.0)
+REMOVE_TIMEOUT_S = 10.0
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -85,6 +94,10 @@ class MqttSink(Sink):
         self._availability_every_s = self._m.stats_interval_s
         self._availability_at = -1e9
         self._rejected = 0
+        self._ha_topic = ha_discovery.config_topic(cfg) if ha_discovery.enabled(cfg) else None
+        self._ha_status = ha_discovery.status_topic(cfg)
+        self._ha_payload = json.dumps(ha_discovery.payload(cfg), separators=(",", ":"))
+        self._announce_timer: threading.Timer | None = None  # guarded by _cond
 
         self._pub = threading.RLock()
         # Guarded by _pub: connection view of the publisher.
@@ -165,6 +178,8 @@ class MqttSink(Sink):
         with self._cond:
             self._stopping = True
             self._cond.notify()
+            if self._announce_timer is not None:
+                self._announce_timer.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout=CLOSE_TIMEOUT_S)
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
@@ -211,19 +226,7 @@ class MqttSink(Sink):
         client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
         client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
-        if self._m.username:
-            client.username_pw_set(self._m.username, self._m.password)
-        tls = self._m.tls
-        if tls.enabled:
-            client.tls_set(
-                ca_certs=tls.ca_file,
-                certfile=tls.cert_file,
-                keyfile=tls.key_file,
-                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-            )
-            if tls.insecure:
-                log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
-                client.tls_insecure_set(True)
+        _credentials(client, self._cfg)
         client.on_connect = self._guarded(self._on_connect)
         client.on_disconnect = self._guarded(self._on_disconnect)
         client.on_publish = self._guarded(self._on_publish)
@@ -252,6 +255,9 @@ class MqttSink(Sink):
                 client.subscribe(self.topics.set, options=mqtt.SubscribeOptions(qos=1, retainHandling=2))
             else:
                 client.subscribe(self.topics.set, qos=1)
+            if self._ha_topic:
+                self._announce(client)
+                client.subscribe(self._ha_status, qos=1)
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
             "connected to MQTT broker %s:%d (MQTT %s); %d spooled event(s) to send",
@@ -339,6 +345,12 @@ class MqttSink(Sink):
             self._cond.notify()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._ha_status:
+            if self._ha_topic and msg.payload.strip() == ha_discovery.ONLINE:
+                self._schedule_announce()
+            return
+        if msg.topic != self.topics.set:
+            return
         if msg.retain:
             # A retained command would run again on every start: one bad one would crash-loop the box.
             self._report_command_error("retained commands are ignored (publish without retain)", msg.payload)
@@ -356,6 +368,31 @@ class MqttSink(Sink):
         except Exception as e:  # a bug in a handler must not kill the network thread
             log.exception("command handler failed")
             self._report_command_error(f"internal error: {e}", msg.payload)
+
+    def _announce(self, client: mqtt.Client) -> None:
+        """The retained discovery config. Needs `_pub`."""
+        assert self._ha_topic is not None
+        client.publish(self._ha_topic, self._ha_payload, qos=1, retain=True)
+
+    def _schedule_announce(self) -> None:
+        delay = random.uniform(*ANNOUNCE_DELAY_S)
+        with self._cond:
+            if self._stopping:
+                return
+            if self._announce_timer is not None:
+                self._announce_timer.cancel()  # one answer per burst of `online`
+            self._announce_timer = threading.Timer(delay, self._announce_later)
+            self._announce_timer.daemon = True
+            self._announce_timer.start()
+        log.info("Home Assistant is online: announcing this device again in %.1f s", delay)
+
+    def _announce_later(self) -> None:
+        try:
+            with self._pub:
+                if self._connected and not self._stopping:
+                    self._announce(self._client)
+        except Exception:  # a timer thread's exception would only reach stderr
+            log.exception("Home Assistant discovery announcement failed")
 
     def _report_command_error(self, reason: str, raw: bytes) -> None:
         log.warning("rejected command on %s: %s", self.topics.set, reason[:300])
@@ -475,3 +512,69 @@ class MqttSink(Sink):
             self._client = self._make_client()
             self._reset_connection(connected=False)
         self._connect(self._client)
+
+
+def _credentials(client: mqtt.Client, cfg: Config) -> None:
+    """Username, password and TLS from `mqtt.*`."""
+    m = cfg.mqtt
+    if m.username:
+        client.username_pw_set(m.username, m.password)
+    tls = m.tls
+    if tls.enabled:
+        client.tls_set(
+            ca_certs=tls.ca_file,
+            certfile=tls.cert_file,
+            keyfile=tls.key_file,
+            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+        )
+        if tls.insecure:
+            log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
+            client.tls_insecure_set(True)
+
+
+def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
+    """Publish the empty retained config that makes Home Assistant delete this device; the topic.
+
+    Raises ConnectionError with one line when the broker cannot be reached or refuses."""
+    if not cfg.mqtt.host:
+        raise ConfigError("mqtt.host: not set, so there is no broker to remove the device from")
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(cfg.mqtt.tls, key)
+        if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
+            raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
+    topic = ha_discovery.config_topic(cfg)
+    where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    # Its own client id: the daemon's session, if it still runs, is left alone. 3.1.1 speaks to every broker.
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"serenbox-{cfg.device_id}-ha-remove", protocol=mqtt.MQTTv311
+    )
+    client.enable_logger(_PAHO_LOG)
+    client.connect_timeout = timeout
+    _credentials(client, cfg)
+    answered = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason).lower())
+        answered.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=max(5, round(timeout)))
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"cannot reach the MQTT broker {where} ({getattr(e, 'strerror', None) or e})") from None
+    client.loop_start()
+    try:
+        if not answered.wait(timeout):
+            raise ConnectionError(f"the MQTT broker {where} did not answer within {timeout:.0f} s")
+        if refused:
+            raise ConnectionError(f"the MQTT broker {where} refused the connection: {refused[0]}")
+        info = client.publish(topic, b"", qos=1, retain=True)
+        info.wait_for_publish(timeout=timeout)
+        if not info.is_published():
+            raise ConnectionError(f"the MQTT broker {where} did not acknowledge the removal within {timeout:.0f} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return topic
