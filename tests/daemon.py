@@ -92,7 +92,17 @@ def write_config(tmp: Path, source: str | Path, broker: Mosquitto | None = None,
 class Daemon:
     """`serenbox run --print-events` in a subprocess; its stdout events and stderr lines are collected."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None):
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        stderr_bytes_per_s: float | None = None,
+    ) -> None:
+        # A slow reader (like a busy journald) keeps the stderr pipe full, so the daemon's log
+        # writes block: the moment a signal lands in the middle of one.
+        self._stderr_rate = stderr_bytes_per_s
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "device", "run", "--config", str(config), "--print-events", *args],
             stdout=subprocess.PIPE,
@@ -118,8 +128,14 @@ class Daemon:
 
     def _read_errors(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
+        if self._stderr_rate is None:
+            for line in self.proc.stderr:
+                self._err.append(line)
+            return
+        fd, chunk = self.proc.stderr.fileno(), 1024
+        while data := os.read(fd, chunk):
+            self._err.append(data.decode(errors="replace"))
+            time.sleep(chunk / self._stderr_rate)
 
     @property
     def stderr(self) -> str:

@@ -53,7 +53,8 @@ def test_a_second_daemon_on_the_same_state_directory_is_refused(face_video: Path
 
 
 def heavy_logging_folder(folder: Path) -> Path:
-    """One face and 40 files that are not images: every frame logs 40 warnings from the main thread."""
+    """One face and 40 files that are not images: every frame logs 40 warnings from the main thread,
+    into a stderr pipe read slowly, so the main thread is blocked in a write most of the time."""
     folder.mkdir()
     media.write_image(folder / "a000.jpg", media.scene([(220, 140, 200)]))
     for i in range(40):
@@ -71,7 +72,8 @@ def test_stop_always_works_in_signal_storms_while_logging_heavily(tmp_path: Path
         d = tmp_path / f"try{i}"
         d.mkdir()
         hups, gaps = plans[i]
-        daemon = Daemon(write_config(d, folder, camera={"loop": True, "fps": 120}))
+        config = write_config(d, folder, camera={"loop": True, "fps": 120})
+        daemon = Daemon(config, stderr_bytes_per_s=50_000)
         daemon.wait_log("; skipped", timeout=60)
         for k in range(hups):
             time.sleep(gaps[k])
