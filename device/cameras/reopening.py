@@ -43,6 +43,7 @@ class ReopeningSource(FrameSource):
         self._offset = 0  # added to the inner source's indices, which restart at 0 on reopen
         self._next_index = 0
         self._is_open = False
+        self._wait_before_reopen = False
         self._delay = self.initial_s
         self.live = inner.live
         self.heartbeat: Callable[[], None] | None = None
@@ -53,7 +54,8 @@ class ReopeningSource(FrameSource):
         except CameraError as e:
             if not self.inner.live:
                 raise
-            self._failed(e)  # read() retries with backoff
+            self._failed(e)  # read() retries with backoff, waiting first
+            self._wait_before_reopen = True
             return
         self._is_open = True
 
@@ -62,6 +64,11 @@ class ReopeningSource(FrameSource):
         return self._is_open
 
     def read(self) -> Frame | None:
+        if self._wait_before_reopen:
+            self._wait_before_reopen = False
+            if self._wait(self._delay):
+                return None
+            self._delay = min(self._delay * 2, self.max_s)
         while not self.stop_event.is_set():
             if self._is_open or self._reopen():
                 try:
