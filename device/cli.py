@@ -200,8 +200,7 @@ def check_image_path(path: str) -> None:
 
 
 def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config) -> dict[str, Any]:
-    check_image_path(path)
-    try:
+    try:  # images.read names a missing file or a folder as check_image_path does
         image, (full_width, full_height) = images.read(path)
     except images.ImageError as e:
         raise UsageError(str(e)) from None

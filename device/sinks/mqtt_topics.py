@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from device.commands import NAMES as COMMANDS
 from device.commands import CommandError, validate_command
 
-__all__ = ["COMMANDS", "CommandError", "Topics", "error_payload", "parse_command"]
+__all__ = ["CommandError", "Topics", "error_payload", "parse_command"]
 
 # Enough of a bad payload to recognise it in the error topic without echoing megabytes.
 RAW_ECHO_CHARS = 200
