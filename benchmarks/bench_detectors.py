@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from device.config import DetectorConfig  # noqa: E402
-from device.faces import FaceDetector, build_detector  # noqa: E402
+from serenbox.device.config import DetectorConfig  # noqa: E402
+from serenbox.device.faces import FaceDetector, build_detector  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480
 SIZES = (20, 30, 40, 60, 90, 140, 200, 300)  # face heights, pixels
@@ -277,7 +277,7 @@ def plot(results: dict[str, Result], path: Path) -> None:
 def classifier_check(fer_x: np.ndarray, fer_y: np.ndarray, count: int, rng: np.random.Generator) -> None:
     """The emotion classifier on each detector's box for the same FER2013 faces: a detector whose
     boxes frame faces differently from what the classifier learnt would cost accuracy here."""
-    from device.classifier import Classifier, resolve_model_path
+    from serenbox.device.classifier import Classifier, resolve_model_path
 
     classifier = Classifier(resolve_model_path(None))
     margin = DetectorConfig().margin
@@ -311,7 +311,7 @@ def classifier_check(fer_x: np.ndarray, fer_y: np.ndarray, count: int, rng: np.r
 def alignment_check(fer_x: np.ndarray, fer_y: np.ndarray, count: int, rng: np.random.Generator) -> None:
     """Would turning a rolled face upright by BlazeFace's eye line help the classifier? FER2013
     faces rolled 20° either way, classified on the box as it is and on the box turned upright."""
-    from device.classifier import Classifier, resolve_model_path
+    from serenbox.device.classifier import Classifier, resolve_model_path
 
     classifier = Classifier(resolve_model_path(None))
     margin = DetectorConfig().margin

@@ -24,7 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from device.images import MAX_IMAGE_PIXELS  # noqa: E402
+from serenbox.device.images import MAX_IMAGE_PIXELS  # noqa: E402
+
 from tests import media  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def classify(path: Path) -> tuple[float, float, int, str]:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "device", "classify", str(path)], cwd=ROOT, stdout=out, stderr=err
+            [sys.executable, "-m", "serenbox", "classify", str(path)], cwd=ROOT, stdout=out, stderr=err
         )
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the children's maximum
         took = time.monotonic() - start

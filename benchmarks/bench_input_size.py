@@ -23,18 +23,17 @@ if __package__ in (None, ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
-from converter.proof import run_int8
-from converter.quantize import convert_int8
-from device.interpreter import runtime_version
-from device.preprocess import resize_face
+from serenbox.converter.proof import run_int8
+from serenbox.converter.quantize import convert_int8
+from serenbox.device.interpreter import runtime_version
+from serenbox.device.preprocess import resize_face
 
 
 def faces(data: str | None, n: int) -> np.ndarray:
     if data is None:
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
-    from training.fer2013 import load
+    from serenbox.training.fer2013 import load
 
     train = load(data).split("Training")
     idx = np.random.default_rng(0).choice(len(train), n, replace=False)
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=300, help="faces timed per size")
     args = p.parse_args(argv)
 
-    from training.model import build_model
+    from serenbox.training.model import build_model
 
     gray = faces(args.data, args.images)
     print(f"interpreter: {runtime_version()}, 1 thread, batch 1, {len(gray)} faces per size")

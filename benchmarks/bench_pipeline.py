@@ -86,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import cv2
-
-    from device.classifier import Classifier, resolve_model_path
-    from device.config import from_dict
+    from serenbox.device.classifier import Classifier, resolve_model_path
+    from serenbox.device.config import from_dict
 
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="serenbox-bench-")
@@ -108,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     generated_s = time.perf_counter() - started
 
-    from device.cameras import open_source
-    from device.faces import build_detector
-    from device.pipeline import Pipeline, StageTimes
-    from device.sinks.base import Sink
+    from serenbox.device.cameras import open_source
+    from serenbox.device.faces import build_detector
+    from serenbox.device.pipeline import Pipeline, StageTimes
+    from serenbox.device.sinks.base import Sink
 
     class FirstEvent(Sink):
         def __init__(self) -> None:

@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from device.config import from_dict  # noqa: E402
-from device.sinks.mqtt import MqttSink  # noqa: E402
-from device.spool import Spool  # noqa: E402
+from serenbox.device.config import from_dict  # noqa: E402
+from serenbox.device.sinks.mqtt import MqttSink  # noqa: E402
+from serenbox.device.spool import Spool  # noqa: E402
+
 from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary  # noqa: E402
 
 DEVICE = "bench"

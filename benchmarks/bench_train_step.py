@@ -18,8 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-
-from training.augment import augment_batch
+from serenbox.training.augment import augment_batch
 
 
 def main() -> int:
@@ -30,9 +29,8 @@ def main() -> int:
     a = p.parse_args()
 
     import keras
-
-    from training.model import build_model
-    from training.train import FitData, Recipe, training_batches, with_input_pipeline
+    from serenbox.training.model import build_model
+    from serenbox.training.train import FitData, Recipe, training_batches, with_input_pipeline
 
     rng = np.random.default_rng(0)
     n = a.batch_size * a.steps

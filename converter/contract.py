@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from device.labels import LABELS
-from device.preprocess import resize_face
+from serenbox.device.labels import LABELS
+from serenbox.device.preprocess import resize_face
 
 
 class ContractError(ValueError):

@@ -30,12 +30,11 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-
-from converter.contract import ContractError, check_contract, load_keras_model, model_input, one_line
-from converter.proof import format_table, prove
-from converter.quantize import IO_TYPES, QuantizeError, check_integer_only, convert_int8, stratified_sample
-from device.labels import LABELS
-from device.manifest import (
+from serenbox.converter.contract import ContractError, check_contract, load_keras_model, model_input, one_line
+from serenbox.converter.proof import format_table, prove
+from serenbox.converter.quantize import IO_TYPES, QuantizeError, check_integer_only, convert_int8, stratified_sample
+from serenbox.device.labels import LABELS
+from serenbox.device.manifest import (
     InputSpec,
     Manifest,
     OutputSpec,
@@ -45,8 +44,8 @@ from device.manifest import (
     utc_now,
     write_manifest,
 )
-from training.fer2013 import SPLITS, DatasetError, load
-from training.report import write_json_atomic
+from serenbox.training.fer2013 import SPLITS, DatasetError, load
+from serenbox.training.report import write_json_atomic
 
 
 class ConvertError(Exception):
@@ -140,8 +139,7 @@ def span_pixel_range(pixels: np.ndarray) -> np.ndarray:
 def _versions() -> dict[str, str]:
     import keras
     import tensorflow as tf
-
-    from device.interpreter import runtime_version
+    from serenbox.device.interpreter import runtime_version
 
     try:
         serenbox = version("serenbox")
@@ -157,7 +155,7 @@ def _versions() -> dict[str, str]:
 
 
 def _manifest_for(tflite: Path, name: str, io: str, info: Any, source: Path, calibration: dict) -> Manifest:
-    from device.interpreter import load_interpreter
+    from serenbox.device.interpreter import load_interpreter
 
     interpreter = load_interpreter(str(tflite), num_threads=1)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from converter.contract import ModelInfo, model_input
-from device.interpreter import load_interpreter, runtime_version
-from device.labels import LABELS
-from device.preprocess import dequantize, quantize
-from training.report import classification_report
+from serenbox.converter.contract import ModelInfo, model_input
+from serenbox.device.interpreter import load_interpreter, runtime_version
+from serenbox.device.labels import LABELS
+from serenbox.device.preprocess import dequantize, quantize
+from serenbox.training.report import classification_report
 
 WARMUP = 10
 FLOAT_LATENCY_IMAGES = 100  # eager Keras at batch 1 is slow; a sample gives its median and p95

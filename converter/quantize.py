@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from converter.contract import one_line
-from device.labels import LABELS
+from serenbox.converter.contract import one_line
+from serenbox.device.labels import LABELS
 
 IO_TYPES = ("int8", "uint8")
 _INTEGER = {"int8", "uint8", "int16", "int32", "int64", "bool"}
@@ -81,7 +80,7 @@ def convert_int8(model: Any, representative: np.ndarray, io_type: str) -> bytes:
 
 def check_integer_only(tflite_path: Path, io_type: str) -> list[str]:
     """The op names of the model; raise QuantizeError naming any op that reads or writes a float tensor."""
-    from device.interpreter import load_interpreter
+    from serenbox.device.interpreter import load_interpreter
 
     interpreter = load_interpreter(str(tflite_path), num_threads=1)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}

@@ -1,7 +1,7 @@
-"""`python -m device` is `serenbox`."""
+"""`python -m serenbox.device` is `serenbox` too."""
 
 import sys
 
-from device.cli import main
+from serenbox.device.cli import main
 
 sys.exit(main())

@@ -13,10 +13,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from device import preprocess
-from device.interpreter import load_interpreter
-from device.manifest import Manifest, ManifestError, check_against_interpreter, load_manifest
+from serenbox.device import preprocess
+from serenbox.device.interpreter import load_interpreter
+from serenbox.device.manifest import Manifest, ManifestError, check_against_interpreter, load_manifest
 
 log = logging.getLogger(__name__)
 

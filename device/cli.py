@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device import __version__, images
-from device.classifier import Classifier, ModelError, resolve_model_path, to_gray
-from device.config import Config, ConfigError, load
-from device.events import dominant, normalised_box, rounded_probabilities
-from device.logs import setup_logging
-from device.signals import SignalThread
+from serenbox.device import __version__, images
+from serenbox.device.classifier import Classifier, ModelError, resolve_model_path, to_gray
+from serenbox.device.config import Config, ConfigError, load
+from serenbox.device.events import dominant, normalised_box, rounded_probabilities
+from serenbox.device.logs import setup_logging
+from serenbox.device.signals import SignalThread
 
 log = logging.getLogger("serenbox")
 
@@ -65,7 +65,7 @@ def _positive_int(text: str) -> int:
 
 
 def load_config(path: str | None, source: str | None = None) -> Config:
-    from device.config import from_dict
+    from serenbox.device.config import from_dict
 
     cfg = load(path) if path else from_dict({})
     if source is not None:
@@ -86,11 +86,11 @@ def build_classifier(cfg: Config) -> Classifier:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from device.cameras import CameraError, ReopeningSource, open_source
-    from device.faces import build_detector
-    from device.notify import Notifier
-    from device.pipeline import Pipeline
-    from device.sinks import build_sinks
+    from serenbox.device.cameras import CameraError, ReopeningSource, open_source
+    from serenbox.device.faces import build_detector
+    from serenbox.device.notify import Notifier
+    from serenbox.device.pipeline import Pipeline
+    from serenbox.device.sinks import build_sinks
 
     cfg = load_config(args.config, args.source)
     setup_logging(cfg.log_level)
@@ -225,7 +225,7 @@ def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from device.faces import build_detector
+    from serenbox.device.faces import build_detector
 
     cfg = load_config(args.config)
     # A one-shot command: its output is the JSON; progress chatter only when asked to debug.
@@ -259,7 +259,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_ha_remove(args: argparse.Namespace) -> int:
-    from device.sinks.mqtt import remove_discovery
+    from serenbox.device.sinks.mqtt import remove_discovery
 
     cfg = load_config(args.config)
     setup_logging("WARNING")

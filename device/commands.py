@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from device.config import MAX_FPS, MIN_FPS, show
+from serenbox.device.config import MAX_FPS, MIN_FPS, show
 
 NAMES = ("pause", "resume", "fps")
 # Sources never run slower than this, whatever fps is asked for: read() must return within half

@@ -13,8 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-
-from device.labels import LABELS
+from serenbox.device.labels import LABELS
 
 SCHEMA = "serenbox.event/1"
 EVENT_TYPES = ("new", "update", "end")

@@ -11,7 +11,7 @@ import importlib
 import logging
 from typing import Any
 
-from device.logs import native_stderr_to_log
+from serenbox.device.logs import native_stderr_to_log
 
 log = logging.getLogger(__name__)
 

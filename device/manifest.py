@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from device.labels import LABELS
+from serenbox.device.labels import LABELS
 
 FORMAT = "serenbox-model/1"
 # Keys in the documented order, easiest to read by eye.

@@ -23,16 +23,15 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from device import reload
-from device.classifier import Classifier, to_gray
-from device.commands import SOURCE_MIN_FPS, validate_command
-from device.config import Config
-from device.events import EventFactory, normalised_box, rounded_probabilities
-from device.labels import LABELS
-from device.notify import Notifier
-from device.sinks.base import Sink
-from device.tracker import Detection, Tracker, TrackEvent
+from serenbox.device import reload
+from serenbox.device.classifier import Classifier, to_gray
+from serenbox.device.commands import SOURCE_MIN_FPS, validate_command
+from serenbox.device.config import Config
+from serenbox.device.events import EventFactory, normalised_box, rounded_probabilities
+from serenbox.device.labels import LABELS
+from serenbox.device.notify import Notifier
+from serenbox.device.sinks.base import Sink
+from serenbox.device.tracker import Detection, Tracker, TrackEvent
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class Pipeline:
         self,
         cfg: Config,
         source: Any,  # a FrameSource (device.cameras): open(), read() -> Frame | None, close()
-        detector: Any,  # a FaceDetector (device.faces): detect(gray) -> list[Face]
+        detector: Any,  # a FaceDetector (serenbox.device.faces): detect(gray) -> list[Face]
         classifier: Classifier,
         sinks: list[Sink],
         notifier: Notifier | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from device.config import Config
+from serenbox.device.config import Config
 
 # Read once at start (the camera, model, broker connection, spool and identity).
 RESTART_ONLY = (

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from device.config import ConfigError
+from serenbox.device.config import ConfigError
 
 log = logging.getLogger("serenbox.spool")
 T = TypeVar("T")

@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from device.config import TrackerConfig
-from device.labels import LABELS
+from serenbox.device.config import TrackerConfig
+from serenbox.device.labels import LABELS
 
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels
 

@@ -181,7 +181,7 @@ check_python() {
 copy_source() {
     local dest=$1 part
     mkdir -p "$dest"
-    for part in pyproject.toml README.md device converter training; do
+    for part in pyproject.toml README.md serenbox device converter training; do
         [[ -e $SRC/$part ]] || fail "$SRC/$part is missing: not a complete SerenBox checkout"
         cp -R "$SRC/$part" "$dest/" || fail "cannot copy $SRC/$part to $dest"
     done

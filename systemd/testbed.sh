@@ -217,7 +217,7 @@ build_root() {
 copy_source() { # the parts a package build needs, like install.sh does
     local dest=$1 part
     mkdir -p "$dest"
-    for part in pyproject.toml README.md device converter training; do
+    for part in pyproject.toml README.md serenbox device converter training; do
         cp -R "$SRC/$part" "$dest/"
     done
     find "$dest" -depth \( -name __pycache__ -o -name '*.egg-info' \) -exec rm -rf {} +

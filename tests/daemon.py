@@ -104,7 +104,17 @@ class Daemon:
         # writes block: the moment a signal lands in the middle of one.
         self._stderr_rate = stderr_bytes_per_s
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "device", "run", "--config", str(config), "--print-events", *args],
+            [
+                *(prefix or []),
+                sys.executable,
+                "-m",
+                "serenbox",
+                "run",
+                "--config",
+                str(config),
+                "--print-events",
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

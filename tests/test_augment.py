@@ -7,9 +7,8 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
-
-from training.augment import Augmentation, affine_matrix, augment_batch
-from training.train import FitData, Recipe, training_batches
+from serenbox.training.augment import Augmentation, affine_matrix, augment_batch
+from serenbox.training.train import FitData, Recipe, training_batches
 
 NONE = Augmentation(rotation=0, shift=0, zoom=0, brightness=0, contrast=0)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.config import ConfigError, DetectorConfig, from_dict
+from serenbox.device.faces import DetectorError, build_detector
+from serenbox.device.faces.blazeface import MODEL_DIR, MODELS, BlazeFaceDetector, anchors, find_model
 
-from device.config import ConfigError, DetectorConfig, from_dict
-from device.faces import DetectorError, build_detector
-from device.faces.blazeface import MODEL_DIR, MODELS, BlazeFaceDetector, anchors, find_model
 from tests import media
 from tests.test_faces import gray, iou
 
@@ -112,7 +112,7 @@ def test_odd_frame_sizes_keep_boxes_in_frame_pixels(detector: BlazeFaceDetector)
 
 
 def test_frames_of_many_sizes_keep_few_interpreters() -> None:
-    from device.faces.blazeface import MAX_INTERPRETERS
+    from serenbox.device.faces.blazeface import MAX_INTERPRETERS
 
     detector = BlazeFaceDetector(DetectorConfig(kind="blazeface"))
     for width in range(200, 1000, 50):
@@ -238,7 +238,7 @@ def test_corrupt_model_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_a_model_with_other_outputs_is_refused(tmp_path: Path) -> None:
-    from device.classifier import resolve_model_path
+    from serenbox.device.classifier import resolve_model_path
 
     # The emotion classifier: a real TFLite model, but not a face detector.
     (tmp_path / MODELS["short"].file).write_bytes(resolve_model_path(None).read_bytes())

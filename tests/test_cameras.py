@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.cameras import CameraError, Frame, FrameSource, ReopeningSource, open_source
+from serenbox.device.cameras.base import redact
+from serenbox.device.cameras.demo import CYCLE_S, VISIBLE_S, DemoScene, DemoSource
+from serenbox.device.cameras.folder import FolderSource
+from serenbox.device.cameras.opencv import OpenCVCamera, VideoFileSource
+from serenbox.device.config import CameraConfig, DetectorConfig
+from serenbox.device.faces import build_detector
 
-from device.cameras import CameraError, Frame, FrameSource, ReopeningSource, open_source
-from device.cameras.base import redact
-from device.cameras.demo import CYCLE_S, VISIBLE_S, DemoScene, DemoSource
-from device.cameras.folder import FolderSource
-from device.cameras.opencv import OpenCVCamera, VideoFileSource
-from device.config import CameraConfig, DetectorConfig
-from device.faces import build_detector
 from tests import media
 
 
@@ -369,7 +369,7 @@ def test_reopening_source_recovers_with_exponential_backoff(hardware: Any, caplo
     cfg = cam_cfg(fps=100, reopen_initial_s=0.01, reopen_max_s=0.03)
     source = ReopeningSource(open_source("0", cfg), cfg)
     frames = []
-    with caplog.at_level(logging.INFO, logger="device.cameras.reopening"), source:
+    with caplog.at_level(logging.INFO, logger="serenbox.device.cameras.reopening"), source:
         while not frames or capture_number(frames[-1]) != 3 or len(frames) < 6:
             frame = source.read()
             assert frame is not None

@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serenbox.device import preprocess
+from serenbox.device.classifier import Classifier, ModelError, crop_box, softmax
+from serenbox.device.labels import LABELS
 
-from device import preprocess
-from device.classifier import Classifier, ModelError, crop_box, softmax
-from device.labels import LABELS
 from tests.tinymodels import BRIGHTNESS_OF, brightness_model, convert_tiny, edit_manifest, expected_emotion
 
 

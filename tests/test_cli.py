@@ -18,7 +18,7 @@ from tests import media
 from tests.test_pipeline import FPS, HAPPY, SAD, TIMELINE, face_patch, scene
 from tests.tinymodels import brightness_model, convert_tiny
 
-SERENBOX = [sys.executable, "-m", "device"]
+SERENBOX = [sys.executable, "-m", "serenbox"]
 
 
 @pytest.fixture(scope="module")

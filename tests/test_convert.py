@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from serenbox.converter.contract import ModelInfo
+from serenbox.converter.convert import ConvertError, ConvertResult, ProofFailed, convert, main
+from serenbox.converter.proof import prove, run_int8
+from serenbox.converter.quantize import QuantizeError, check_integer_only, stratified_sample
+from serenbox.device.interpreter import load_interpreter
+from serenbox.device.labels import LABELS
+from serenbox.device.manifest import ManifestError, check_against_interpreter, load_manifest, sha256_of
+from serenbox.device.preprocess import dequantize, quantize, resize_face
+from serenbox.training.fer2013 import Fer2013
 
-from converter.contract import ModelInfo
-from converter.convert import ConvertError, ConvertResult, ProofFailed, convert, main
-from converter.proof import prove, run_int8
-from converter.quantize import QuantizeError, check_integer_only, stratified_sample
-from device.interpreter import load_interpreter
-from device.labels import LABELS
-from device.manifest import ManifestError, check_against_interpreter, load_manifest, sha256_of
-from device.preprocess import dequantize, quantize, resize_face
 from tests.tinymodels import (
     BAND_EDGES,
     BRIGHTNESS_OF,
@@ -38,7 +39,6 @@ from tests.tinymodels import (
     write_folders,
     write_npz,
 )
-from training.fer2013 import Fer2013
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = [sys.executable, str(ROOT / "converter" / "convert.py")]
@@ -499,7 +499,7 @@ def unquantizable(op: str) -> Any:
 
 
 def test_an_op_that_cannot_be_int8_is_named(npz: Path, tmp_path: Path) -> None:
-    from converter.quantize import convert_int8
+    from serenbox.converter.quantize import convert_int8
 
     model = unquantizable("erf")
     pixels = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype(np.float32)

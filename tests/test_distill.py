@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import load
+from serenbox.training.teacher import TeacherError, keys_of, targets_for
+from serenbox.training.train import Recipe, training_targets
 
-from device.labels import LABELS
 from tests.test_training import _run, _write_npz
-from training.fer2013 import load
-from training.teacher import TeacherError, keys_of, targets_for
-from training.train import Recipe, training_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = [sys.executable, str(ROOT / "training" / "teacher.py")]

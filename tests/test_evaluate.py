@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serenbox.training.evaluate import main
+from serenbox.training.fer2013 import Fer2013
 
 from tests.tinymodels import convert_tiny, make_dataset, tiny_cnn, write_npz
-from training.evaluate import main
-from training.fer2013 import Fer2013
 
 PRIVATE = 2  # the split code of PrivateTest
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.config import ConfigError, DetectorConfig
+from serenbox.device.faces import DetectorError, Face, FaceDetector, build_detector
+from serenbox.device.faces.haar import CASCADE, HaarDetector, find_cascade
 
-from device.config import ConfigError, DetectorConfig
-from device.faces import DetectorError, Face, FaceDetector, build_detector
-from device.faces.haar import CASCADE, HaarDetector, find_cascade
 from tests import media
 
 

@@ -13,9 +13,9 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
+from serenbox.device import cli
+from serenbox.device.config import ConfigError, from_dict, load
 
-from device import cli
-from device.config import ConfigError, from_dict, load
 from tests import media
 from tests.daemon import Daemon, write_config
 
@@ -152,6 +152,6 @@ def test_a_real_process_gets_the_same_one_line(tmp_path: Path) -> None:
     path = tmp_path / "serenbox.yaml"
     path.write_bytes(b"camera:\n  fps: .nan\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "device", "run", "--config", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "serenbox", "run", "--config", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "camera.fps" in proc.stderr

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from serenbox.device.spool import Spool
 
-from device.spool import Spool
 from tests import media
 from tests.daemon import Daemon, received_events, write_config
 from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary

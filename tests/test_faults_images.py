@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from serenbox.device import images
 
-from device import images
 from tests import media
 from tests.daemon import Daemon, write_config
 
@@ -100,7 +100,7 @@ def test_every_bad_image_is_one_line_and_the_good_ones_still_answer(
     Image.open(good).convert("CMYK").save(cmyk)
     files = [good, *(p for p, _ in bad_images.values()), gray16, cmyk]
     proc = subprocess.run(
-        [sys.executable, "-m", "device", "classify", *map(str, files)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "serenbox", "classify", *map(str, files)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: Created TensorFlow Lite")]

@@ -14,20 +14,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from serenbox.device import cli
+from serenbox.device.cameras import open_source
+from serenbox.device.classifier import Classifier, resolve_model_path
+from serenbox.device.commands import SOURCE_MIN_FPS, CommandError, validate_command
+from serenbox.device.config import Config, from_dict
+from serenbox.device.events import dominant, rounded_probabilities
+from serenbox.device.faces import build_detector
+from serenbox.device.labels import LABELS
+from serenbox.device.pipeline import Pipeline
+from serenbox.device.sinks.backlog import Backlog, advance
+from serenbox.device.sinks.base import Sink
+from serenbox.device.sinks.mqtt_topics import error_payload, parse_command
+from serenbox.device.spool import Spool, SpoolError
 
-from device import cli
-from device.cameras import open_source
-from device.classifier import Classifier, resolve_model_path
-from device.commands import SOURCE_MIN_FPS, CommandError, validate_command
-from device.config import Config, from_dict
-from device.events import dominant, rounded_probabilities
-from device.faces import build_detector
-from device.labels import LABELS
-from device.pipeline import Pipeline
-from device.sinks.backlog import Backlog, advance
-from device.sinks.base import Sink
-from device.sinks.mqtt_topics import error_payload, parse_command
-from device.spool import Spool, SpoolError
 from tests import media
 
 

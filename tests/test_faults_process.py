@@ -168,8 +168,8 @@ def test_a_camera_missing_at_start_is_waited_for_not_fatal(tmp_path: Path) -> No
 
 @needs_broker
 def test_a_dead_mqtt_network_thread_stops_the_daemon_for_a_restart(tmp_path: Path) -> None:
-    from device.config import from_dict
-    from device.sinks.mqtt import MqttSink
+    from serenbox.device.config import from_dict
+    from serenbox.device.sinks.mqtt import MqttSink
 
     with Mosquitto(tmp_path / "broker") as broker:
         cfg = from_dict({"state_dir": str(tmp_path / "s"), "mqtt": {"host": broker.host, "port": broker.port}}, env={})
@@ -191,8 +191,8 @@ def test_a_dead_mqtt_network_thread_stops_the_daemon_for_a_restart(tmp_path: Pat
 
 @needs_broker
 def test_an_exception_in_a_callback_does_not_kill_the_network_thread(tmp_path: Path, caplog) -> None:
-    from device.config import from_dict
-    from device.sinks.mqtt import MqttSink
+    from serenbox.device.config import from_dict
+    from serenbox.device.sinks.mqtt import MqttSink
 
     with Mosquitto(tmp_path / "broker") as broker, Watcher(broker, ["serenbox/#"]) as w:
         cfg = from_dict({"state_dir": str(tmp_path / "s"), "mqtt": {"host": broker.host, "port": broker.port}}, env={})

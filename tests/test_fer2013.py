@@ -10,10 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import SPLITS, DatasetError, Fer2013, format_counts, load, main
 
-from device.labels import LABELS
 from tests.tinymodels import make_dataset, write_csv, write_folders, write_npz
-from training.fer2013 import SPLITS, DatasetError, Fer2013, format_counts, load, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = {"Training": 4, "PublicTest": 2, "PrivateTest": 1}
@@ -198,7 +198,11 @@ def test_count_command(data: Fer2013, tmp_path: Path, capsys: pytest.CaptureFixt
     bad = write_rows(tmp_path / "bad.csv", f"9,{pixels()},Training")
     # A real process: the exit code and the one-line error a user sees, no traceback.
     run = subprocess.run(
-        [sys.executable, "-m", "training.fer2013", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "serenbox.training.fer2013", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {bad}:2: unknown emotion code 9 (Kaggle codes are 0..6)"

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
+from serenbox.device.config import ConfigError, from_dict
+from serenbox.device.events import EventFactory
+from serenbox.device.labels import LABELS
+from serenbox.device.sinks import ha_discovery
+from serenbox.device.sinks.mqtt_topics import parse_command
 
-from device.config import ConfigError, from_dict
-from device.events import EventFactory
-from device.labels import LABELS
-from device.sinks import ha_discovery
-from device.sinks.mqtt_topics import parse_command
 from tests import media
 from tests.daemon import ROOT, Daemon, publisher, secure_broker, watcher, write_config
 from tests.mosquitto import Mosquitto, Watcher, free_port, mosquitto_binary, retained
@@ -61,7 +61,7 @@ def test_payload_describes_the_device_and_every_entity() -> None:
     assert json.loads(json.dumps(p)) == p  # plain JSON
     assert p["dev"]["identifiers"] == ["serenbox_livingroom"]
     assert p["dev"]["model"] == "SerenBox" and p["dev"]["name"] == "SerenBox livingroom"
-    from device import __version__
+    from serenbox.device import __version__
 
     assert p["dev"]["sw_version"] == __version__ and p["o"]["sw_version"] == __version__
     assert p["o"]["name"] == "serenbox"
@@ -210,7 +210,7 @@ def face_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ha_remove(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "device", "ha-remove", "--config", str(config)],
+        [sys.executable, "-m", "serenbox", "ha-remove", "--config", str(config)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -94,7 +94,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Built from a copy: an in-tree build would leave build/ and egg-info in the checkout.
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for part in ("device", "converter", "training"):
+    for part in ("serenbox", "device", "converter", "training"):
         shutil.copytree(ROOT / part, src / part, ignore=ignore)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / part, src / part)
@@ -163,7 +163,7 @@ def test_installs_a_working_venv_without_tensorflow(staged: tuple[Path, str]) ->
     # The wheel carries the face detector models with their licence (run outside the checkout, so
     # that the installed package is the one imported).
     probe = (
-        "from device.config import DetectorConfig; from device.faces import build_detector; "
+        "from serenbox.device.config import DetectorConfig; from serenbox.device.faces import build_detector; "
         "d = build_detector(DetectorConfig()); folder = d.path.parent; "
         "print(type(d).__name__, (folder / 'LICENSE').is_file(), (folder / 'PROVENANCE.md').is_file(), "
         "'site-packages' in str(folder))"
@@ -277,6 +277,24 @@ def test_wheelhouse_without_serenbox_changes_nothing(tmp_path: Path) -> None:
     assert "no serenbox-*.whl in it" in proc.stderr
     assert sorted(p.name for p in root.iterdir()) == ["etc"]
     assert sorted(p.name for p in (root / "etc").iterdir()) == ["group", "gshadow", "passwd", "shadow"]
+
+
+def test_wheel_installs_one_package_named_serenbox(wheelhouse: Path) -> None:
+    # Generic names (device, converter, training) in site-packages would collide with other projects.
+    (wheel,) = wheelhouse.glob("serenbox-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {
+        "serenbox",
+        f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
+    }
+    # Every package of the checkout is in it, mapped under serenbox/ (a new subpackage left out of
+    # pyproject.toml would install as a broken import).
+    for init in ROOT.glob("*/**/__init__.py"):
+        part = init.relative_to(ROOT)
+        if part.parts[0] in {"device", "converter", "training"}:
+            assert f"serenbox/{part.as_posix()}" in names, part
+    assert "serenbox/__init__.py" in names
+    assert "serenbox/device/models/emotion_int8.tflite" in names
 
 
 @pytest.mark.skipif(

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from serenbox.device.logs import JournalFormatter, stderr_is_journal, syslog_priority
 
-from device.logs import JournalFormatter, stderr_is_journal, syslog_priority
 from tests import media
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def run_python(code: str, stderr_path: Path, journal: bool, *args: str) -> subpr
 
 LOG_SOME = """
     import logging, sys
-    from device.logs import setup_logging
+    from serenbox.device.logs import setup_logging
     setup_logging(sys.argv[1])
     log = logging.getLogger("serenbox")
     log.debug("a debug line")
@@ -119,7 +119,7 @@ def classify(photo: Path, tmp_path: Path, log_level: str, journal: bool) -> tupl
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"log_level": log_level, "state_dir": str(tmp_path / "state")}))
     err = tmp_path / "stderr"
-    code = "import sys; from device.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from serenbox.device.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = run_python(code, err, journal, "classify", "--config", str(config), str(photo))
     assert proc.returncode == 0, err.read_text()
     return proc.stdout, err.read_text()
@@ -135,14 +135,14 @@ def test_the_tflite_delegate_line_stays_out_of_the_log(photo: Path, tmp_path: Pa
 def test_the_tflite_delegate_line_is_a_debug_record_when_debugging(photo: Path, tmp_path: Path) -> None:
     _, stderr = classify(photo, tmp_path, "DEBUG", journal=True)
     lines = [line for line in stderr.splitlines() if "XNNPACK" in line]
-    assert lines == ["<7>DEBUG device.interpreter: tflite: INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+    assert lines == ["<7>DEBUG serenbox.device.interpreter: tflite: INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
     # Nothing reaches the journal without its priority.
     assert all(line.startswith("<") for line in stderr.splitlines())
 
 
 OPEN_BAD_VIDEOS = """
     import sys, cv2
-    from device.logs import setup_logging
+    from serenbox.device.logs import setup_logging
     setup_logging(sys.argv[1])
     print(cv2.VideoCapture(sys.argv[2], cv2.CAP_FFMPEG).isOpened(), cv2.VideoCapture(97).isOpened())
 """

@@ -10,8 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_front_maps_gray_pixels_to_three_equal_channels_on_the_int8_grid():
     import keras
-
-    from training.model import NORMALIZE_NAME, build_model
+    from serenbox.training.model import NORMALIZE_NAME, build_model
 
     model = build_model(32, None)
     front = keras.Model(model.input, model.get_layer(NORMALIZE_NAME).output)
@@ -28,8 +27,7 @@ def test_front_maps_gray_pixels_to_three_equal_channels_on_the_int8_grid():
 def test_legacy_front_is_replaced_and_the_rest_kept():
     import keras
     from keras import layers
-
-    from training.model import BACKBONE_NAME, NORMALIZE_NAME, build_model, with_exact_normalization
+    from serenbox.training.model import BACKBONE_NAME, NORMALIZE_NAME, build_model, with_exact_normalization
 
     keras.utils.set_random_seed(0)
     new = build_model(32, None)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serenbox.device.config import from_dict
+from serenbox.device.sinks.mqtt import MqttSink
 
-from device.config import from_dict
-from device.sinks.mqtt import MqttSink
 from tests.mosquitto import Mosquitto, Mqtt311OnlyGateway, Watcher, mosquitto_binary, retained
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
@@ -146,8 +146,8 @@ def test_broker_restart_loses_and_duplicates_nothing(tmp_path: Path) -> None:
 
 CHILD = """
 import os, signal, sys, time
-from device.config import from_dict
-from device.sinks.mqtt import MqttSink
+from serenbox.device.config import from_dict
+from serenbox.device.sinks.mqtt import MqttSink
 cfg = from_dict({"device_id": "box1", "state_dir": sys.argv[1],
                  "mqtt": {"host": "127.0.0.1", "port": int(sys.argv[2]), "keepalive": 5,
                           "reconnect_min_s": 0.2, "reconnect_max_s": 0.5}}, env={})
@@ -328,7 +328,7 @@ def test_commands(broker: Mosquitto, tmp_path: Path) -> None:
 
 
 def test_missing_ca_file_is_a_config_error(broker: Mosquitto, tmp_path: Path) -> None:
-    from device.config import ConfigError
+    from serenbox.device.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"mqtt\.tls\.ca_file"):
         MqttSink(config(broker, tmp_path, tls={"enabled": True, "ca_file": str(tmp_path / "nope.pem")}))

@@ -21,7 +21,7 @@ HEAVY = ("tensorflow", "keras", "tf_keras")
 WRAPPER = textwrap.dedent(
     """
     import json, sys
-    from device.cli import main
+    from serenbox.device.cli import main
     try:
         code = main(sys.argv[1:])
     except SystemExit as e:
@@ -75,12 +75,13 @@ def test_no_device_module_imports_tensorflow() -> None:
     # Every module under device/, the MQTT sink included, imported into one fresh interpreter.
     code = textwrap.dedent(
         f"""
-        import importlib, pkgutil, sys, device
-        for info in pkgutil.walk_packages(device.__path__, "device."):
-            if info.name != "device.__main__":
+        import importlib, pkgutil, sys
+        import serenbox.device as device
+        for info in pkgutil.walk_packages(device.__path__, "serenbox.device."):
+            if info.name != "serenbox.device.__main__":
                 importlib.import_module(info.name)
         print(sorted(m for m in sys.modules if m.split(".")[0] in {set(HEAVY)!r}))
-        print(len([m for m in sys.modules if m.startswith("device.")]))
+        print(len([m for m in sys.modules if m.startswith("serenbox.device.")]))
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serenbox.device.notify import Notifier
 
-from device.notify import Notifier
 from tests.tinymodels import brightness_model, convert_tiny
 
 
@@ -134,7 +134,7 @@ def test_serenbox_run_speaks_the_protocol(listener: tuple[Listener, str], tmp_pa
     thread.start()
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
     proc = subprocess.run(
-        [sys.executable, "-m", "device", "run", "--config", str(run_config), "--max-frames", "30"],
+        [sys.executable, "-m", "serenbox", "run", "--config", str(run_config), "--max-frames", "30"],
         env=env,
         capture_output=True,
         text=True,

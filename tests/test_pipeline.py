@@ -20,15 +20,15 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.cameras import open_source
+from serenbox.device.classifier import Classifier
+from serenbox.device.config import Config, from_dict
+from serenbox.device.faces import build_detector
+from serenbox.device.notify import Notifier
+from serenbox.device.pipeline import Pipeline, validate_command
+from serenbox.device.sinks.base import Sink
+from serenbox.device.sinks.stdout import StdoutSink
 
-from device.cameras import open_source
-from device.classifier import Classifier
-from device.config import Config, from_dict
-from device.faces import build_detector
-from device.notify import Notifier
-from device.pipeline import Pipeline, validate_command
-from device.sinks.base import Sink
-from device.sinks.stdout import StdoutSink
 from tests import media
 from tests.tinymodels import BRIGHTNESS_OF, brightness_model, convert_tiny
 
@@ -291,7 +291,7 @@ class FlakyCamera:
         self.closed = threading.Event()
 
     def open(self) -> None:
-        from device.cameras import CameraError
+        from serenbox.device.cameras import CameraError
 
         self.opens += 1
         if self.opens > 1 and self.fail_opens > 0:
@@ -300,7 +300,7 @@ class FlakyCamera:
         self.closed.clear()
 
     def read(self) -> Any:
-        from device.cameras import CameraError, Frame
+        from serenbox.device.cameras import CameraError, Frame
 
         self.reads += 1
         if self.reads == self.fail_after:
@@ -319,7 +319,7 @@ class FlakyCamera:
 
 
 def test_camera_that_fails_then_returns(model: Path) -> None:
-    from device.cameras import ReopeningSource
+    from serenbox.device.cameras import ReopeningSource
 
     cfg = make_config(model, "demo", camera={"reopen_initial_s": 0.05, "reopen_max_s": 0.2})
     device = FlakyCamera(scene(face_patch(), HAPPY), fail_after=10, fail_opens=2)
@@ -335,7 +335,7 @@ def test_camera_that_fails_then_returns(model: Path) -> None:
 
 
 def test_stop_ends_a_reopen_backoff_at_once(model: Path) -> None:
-    from device.cameras import ReopeningSource
+    from serenbox.device.cameras import ReopeningSource
 
     cfg = make_config(model, "demo", camera={"reopen_initial_s": 60.0, "reopen_max_s": 60.0})
     device = FlakyCamera(scene(face_patch(), HAPPY), fail_after=5)
@@ -369,7 +369,7 @@ class HangingCamera:
         pass
 
     def read(self) -> Any:
-        from device.cameras import Frame
+        from serenbox.device.cameras import Frame
 
         if self.left == 0:
             self.hang_t = time.monotonic()
@@ -441,7 +441,7 @@ def test_ready_and_watchdog_while_running(model: Path, video: Path, tmp_path: Pa
 def test_watchdog_keeps_beating_while_an_unplugged_camera_is_reopened(model: Path) -> None:
     """An unplugged camera is a reason to wait, not a hang: the backoff (up to reopen_max_s, far
     above systemd's watchdog timeout) must not cost the daemon its watchdog pings."""
-    from device.cameras import ReopeningSource
+    from serenbox.device.cameras import ReopeningSource
 
     name = f"serenbox-test-{uuid.uuid4().hex}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -27,8 +27,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     import keras
-
-    from training.model import build_model
+    from serenbox.training.model import build_model
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "base.keras"
@@ -38,8 +37,7 @@ def base_model(tmp_path_factory) -> Path:
 
 def test_weights_are_rounded_to_int8_per_output_channel():
     import tensorflow as tf
-
-    from training.qat import _fake_quant_weight
+    from serenbox.training.qat import _fake_quant_weight
 
     rng = np.random.default_rng(0)
     w = rng.normal(0, 1, (3, 3, 4, 5)).astype(np.float32) * np.array([0.01, 0.1, 1, 10, 100], np.float32)
@@ -59,8 +57,7 @@ def test_weights_are_rounded_to_int8_per_output_channel():
 
 def test_twin_rounds_activations_and_hands_weights_back(base_model: Path):
     import keras
-
-    from training.qat import copy_weights, make_qat_model
+    from serenbox.training.qat import copy_weights, make_qat_model
 
     base = keras.models.load_model(base_model)
     twin = make_qat_model(base)

@@ -10,10 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serenbox.device.classifier import DEFAULT_MODEL, Classifier
+from serenbox.device.interpreter import load_interpreter
+from serenbox.device.labels import LABELS
 
-from device.classifier import DEFAULT_MODEL, Classifier
-from device.interpreter import load_interpreter
-from device.labels import LABELS
 from tests import media
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_shipped_model_reads_a_real_smile(tmp_path: Path) -> None:
     """scikit-image's astronaut photo (Eileen Collins, smiling), through `serenbox classify` as shipped."""
     photo = media.write_image(tmp_path / "astronaut.jpg", media.astronaut_bgr())
     proc = subprocess.run(
-        [sys.executable, "-m", "device", "classify", str(photo)],
+        [sys.executable, "-m", "serenbox", "classify", str(photo)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_readme_main_command_prints_events_with_the_shipped_model(tmp_path: Path
     config = tmp_path / "demo.yaml"
     config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("./.serenbox-state", str(tmp_path)))
     proc = subprocess.run(
-        [sys.executable, "-m", "device", "run", "--config", str(config), "--print-events", "--max-frames", "60"],
+        [sys.executable, "-m", "serenbox", "run", "--config", str(config), "--print-events", "--max-frames", "60"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -71,8 +71,8 @@ def test_readme_main_command_prints_events_with_the_shipped_model(tmp_path: Path
 
 def test_shipped_model_scores_what_the_model_card_reports(fer2013_npz: Path) -> None:
     """PrivateTest accuracy of the shipped int8 model, recomputed, equals the committed evaluation."""
-    from training.evaluate import tflite_predictor
-    from training.fer2013 import load
+    from serenbox.training.evaluate import tflite_predictor
+    from serenbox.training.fer2013 import load
 
     recorded = json.loads(EVAL.read_text())
     entry = next(m for spec, m in recorded["models"].items() if spec.endswith(DEFAULT_MODEL.name))

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from device.signals import SignalThread
+from serenbox.device.signals import SignalThread
 
 
 def blocked_logger() -> tuple[logging.Logger, io.StringIO, int]:

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from device.spool import Spool, SpoolError
+from serenbox.device.spool import Spool, SpoolError
 
 
 def test_fifo_order_and_delete(tmp_path: Path) -> None:
@@ -73,7 +72,7 @@ def test_committed_rows_survive_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     code = (
         "import os, signal, sys\n"
-        "from device.spool import Spool\n"
+        "from serenbox.device.spool import Spool\n"
         f"s = Spool({str(path)!r}, 1000, 3600)\n"
         "for i in range(50): s.append(f'e{i}')\n"
         "print('written', flush=True)\n"

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from device.cameras.live import READ_TIMEOUT_S
-from device.cli import STOP_DEADLINE_S
+from serenbox.device.cameras.live import READ_TIMEOUT_S
+from serenbox.device.cli import STOP_DEADLINE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "serenbox.service"
@@ -272,7 +271,7 @@ def stop(proc: subprocess.Popen[str]) -> tuple[int, float]:
 def test_ready_watchdog_and_stopping_on_sigterm(tmp_path: Path, daemon_config: Path) -> None:
     notify = NotifySocket(tmp_path / "notify")
     usec = 1_000_000  # a ping every 0.5 s: slack for a loaded test machine
-    argv = [sys.executable, "-m", "device", "run", "--config", str(daemon_config)]
+    argv = [sys.executable, "-m", "serenbox", "run", "--config", str(daemon_config)]
     proc = start_daemon(argv, notify.path, tmp_path, usec)
     try:
         ready = notify.wait_for("READY=1", timeout=60)
@@ -303,8 +302,8 @@ def test_a_stuck_loop_stops_the_watchdog_pings(
         textwrap.dedent(
             """
             import os, sys, threading
-            import device.cameras as cameras
-            from device.cli import main
+            import serenbox.device.cameras as cameras
+            from serenbox.device.cli import main
 
             real_open_source = cameras.open_source
 

@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-
-from device.config import TrackerConfig
-from device.labels import LABELS
-from device.tracker import Detection, Tracker, iou
+from serenbox.device.config import TrackerConfig
+from serenbox.device.labels import LABELS
+from serenbox.device.tracker import Detection, Tracker, iou
 
 FPS = 10
 DT = 1.0 / FPS

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from device.labels import LABELS
-from training.train import class_weights, device_pixels
+from serenbox.device.labels import LABELS
+from serenbox.training.train import class_weights, device_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "training" / "train.py")]
@@ -100,7 +99,7 @@ def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tm
     manifest = json.loads(tflite.with_suffix(".json").read_text())
     assert manifest["labels"] == list(LABELS)
     # The int8 graph starts with one exact op: pixels → (p - 128) / 128, scale 1/128, zero point 0.
-    from device.interpreter import load_interpreter
+    from serenbox.device.interpreter import load_interpreter
 
     interpreter = load_interpreter(str(tflite), 1)
     first = interpreter._get_ops_details()[0]
@@ -112,7 +111,7 @@ def test_quick_train_convert_classify_end_to_end(data: Path, quick_run: Path, tm
     config = tmp_path / "serenbox.yaml"
     config.write_text(yaml.safe_dump({"device_id": "quick", "model": {"path": str(tflite)}}))
     r = subprocess.run(
-        [sys.executable, "-m", "device", "classify", str(photo), "--config", str(config)],
+        [sys.executable, "-m", "serenbox", "classify", str(photo), "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -132,8 +131,7 @@ def test_a_model_trained_on_jax_scores_the_same_and_converts_on_tensorflow(data:
     TensorFlow for the quantization-aware step and the converter."""
     pytest.importorskip("jax")
     import keras
-
-    from training.train import predict_probs
+    from serenbox.training.train import predict_probs
 
     out = tmp_path / "jax"
     r = _run(["--data", str(data), "--weights", "none", "--out", str(out), "--quick"], backend="jax")
@@ -242,7 +240,7 @@ def test_class_weights_favour_rare_classes_and_average_one():
 
 
 def test_training_inputs_are_whole_gray_levels_like_the_devices_resized_faces():
-    from device.preprocess import resize_face
+    from serenbox.device.preprocess import resize_face
 
     faces = np.random.default_rng(0).integers(0, 256, (8, 48, 48)).astype(np.uint8)
     x = np.asarray(device_pixels(faces[..., None].astype(np.float32), 96))[..., 0]

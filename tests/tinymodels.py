@@ -34,9 +34,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from device.labels import LABELS
-from training.fer2013 import SPLITS, Fer2013
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import SPLITS, Fer2013
 
 SIZE = 48
 DEFAULT_PER_CLASS = {"Training": 60, "PublicTest": 15, "PrivateTest": 5}
@@ -112,7 +111,7 @@ def write_folders(data: Fer2013, root: Path, suffix: str = ".png") -> Path:
 
 
 def _model_input(images48: np.ndarray, size: int) -> np.ndarray:
-    from device.preprocess import resize_face
+    from serenbox.device.preprocess import resize_face
 
     return np.stack([resize_face(im, size, size) for im in images48]).astype(np.float32)[..., None]
 
@@ -179,7 +178,7 @@ def convert_tiny(
 
     `max_drop` defaults to 100: fixtures want a model, while test_convert tests the proof itself.
     """
-    from converter.convert import convert
+    from serenbox.converter.convert import convert
 
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cv2
 import numpy as np
-
-from device.classifier import ModelError
-from device.labels import LABELS
-from training.fer2013 import DatasetError, load
-from training.report import (
+from serenbox.device.classifier import ModelError
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import DatasetError, load
+from serenbox.training.report import (
     classification_report,
     format_report,
     save_confusion_png,
@@ -46,8 +45,7 @@ FER_PACKAGE_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "n
 
 def keras_predictor(path: Path) -> Predictor:
     import keras
-
-    from device.preprocess import resize_face
+    from serenbox.device.preprocess import resize_face
 
     model = keras.models.load_model(path, compile=False)
     _, h, w, c = model.input_shape
@@ -65,7 +63,7 @@ def keras_predictor(path: Path) -> Predictor:
 def tflite_predictor(path: Path) -> Predictor:
     # The device's own classifier (manifest checks, preprocessing, quantization, softmax), so the
     # figures are those of the code a SerenBox runs.
-    from device.classifier import Classifier
+    from serenbox.device.classifier import Classifier
 
     classifier = Classifier(path, num_threads=1)
     return lambda images: classifier.classify_crops(list(images))

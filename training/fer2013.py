@@ -5,7 +5,7 @@ Every reader returns the same `Fer2013` arrays with labels in the project's orde
 Bad input raises `DatasetError` naming the file and the line or path, so a user can fix
 the one bad row instead of guessing.
 
-    python -m training.fer2013 PATH      # counts per split and class
+    python -m serenbox.training.fer2013 PATH      # counts per split and class
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from device.labels import LABELS
+from serenbox.device.labels import LABELS
 
 SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
 SIZE = 48

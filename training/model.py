@@ -11,8 +11,7 @@ from pathlib import Path
 
 import keras
 from keras import layers
-
-from device.labels import LABELS
+from serenbox.device.labels import LABELS
 
 BACKBONE_NAME = "mobilenetv2_1.00"
 NORMALIZE_NAME = "to_minus1_1"

@@ -41,11 +41,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-
-from training.fer2013 import DatasetError, load
-from training.report import write_json_atomic
-from training.teacher import TeacherError
-from training.train import Recipe, fit_data, limit, training_batches, with_input_pipeline
+from serenbox.training.fer2013 import DatasetError, load
+from serenbox.training.report import write_json_atomic
+from serenbox.training.teacher import TeacherError
+from serenbox.training.train import Recipe, fit_data, limit, training_batches, with_input_pipeline
 
 
 class QatError(Exception):
@@ -209,8 +208,7 @@ def _own_weights(layer) -> list:
 
 def fine_tune(args: argparse.Namespace) -> dict:
     import keras
-
-    from training.model import with_exact_normalization
+    from serenbox.training.model import with_exact_normalization
 
     if not Path(args.model).is_file():
         raise QatError(f"{args.model}: model file does not exist")

@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from device.labels import LABELS
+from serenbox.device.labels import LABELS
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: tuple[str, ...] = LABELS) -> dict:

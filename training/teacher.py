@@ -25,11 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-
-from device.classifier import ModelError
-from device.labels import LABELS
-from training.fer2013 import DatasetError, load
-from training.report import image_key, write_json_atomic
+from serenbox.device.classifier import ModelError
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import DatasetError, load
+from serenbox.training.report import image_key, write_json_atomic
 
 
 class TeacherError(Exception):
@@ -49,8 +48,8 @@ def keys_of(images: np.ndarray) -> np.ndarray:
 
 
 def make_targets(data_path: str, models: list[str], out: Path, limit_per_class: int = 0, seed: int = 1234) -> dict:
-    from training.evaluate import predictor_for
-    from training.train import limit
+    from serenbox.training.evaluate import predictor_for
+    from serenbox.training.train import limit
 
     if out.suffix != ".npz":
         raise TeacherError(f"{out}: the targets file must end in .npz")

@@ -27,11 +27,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-
-from device.labels import LABELS
-from training.fer2013 import DatasetError, Fer2013, load
-from training.report import classification_report, format_report, save_confusion_png, write_json_atomic
-from training.teacher import TeacherError
+from serenbox.device.labels import LABELS
+from serenbox.training.fer2013 import DatasetError, Fer2013, load
+from serenbox.training.report import classification_report, format_report, save_confusion_png, write_json_atomic
+from serenbox.training.teacher import TeacherError
 
 
 class TrainError(Exception):
@@ -157,7 +156,7 @@ def training_targets(train: Fer2013, r: Recipe) -> np.ndarray:
     y = keras.utils.to_categorical(train.labels, len(LABELS)).astype(np.float32)
     if not r.teacher:
         return y
-    from training.teacher import targets_for
+    from serenbox.training.teacher import targets_for
 
     return ((1.0 - r.teacher_weight) * y + r.teacher_weight * targets_for(r.teacher, train.images)).astype(np.float32)
 
@@ -195,8 +194,7 @@ def training_batches(d: FitData, r: Recipe):
     order (seen: 1 batch in 13 in one of four epochs, 8 workers): a face or two seen twice in
     that epoch, harmless to SGD. A resumed run starts the shuffles again from epoch 0."""
     import keras
-
-    from training.augment import Augmentation, augment_batch
+    from serenbox.training.augment import Augmentation, augment_batch
 
     aug = Augmentation(erase=r.erase)
 
@@ -339,8 +337,7 @@ def distribution_scope():
 
 def train(args: argparse.Namespace, r: Recipe) -> dict:
     import keras
-
-    from training.model import backbone_of, build_model
+    from serenbox.training.model import backbone_of, build_model
 
     weights = None if args.weights.lower() == "none" else Path(args.weights)
     if weights is not None and not weights.is_file():

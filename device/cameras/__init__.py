@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from device.cameras.base import CameraError, Frame, FrameSource, redact
-from device.cameras.reopening import ReopeningSource
-from device.config import CameraConfig
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource, redact
+from serenbox.device.cameras.reopening import ReopeningSource
+from serenbox.device.config import CameraConfig
 
 __all__ = ["CameraError", "Frame", "FrameSource", "ReopeningSource", "open_source"]
 
@@ -25,16 +25,16 @@ def open_source(spec: str, cfg: CameraConfig) -> FrameSource:
     if not spec:
         raise CameraError("camera source is empty (use picamera2, demo, 0, /dev/video0, a file, a folder or a URL)")
     if spec == "picamera2":
-        from device.cameras.picamera2 import Picamera2Source
+        from serenbox.device.cameras.picamera2 import Picamera2Source
 
         return Picamera2Source(cfg)
     if spec == "demo":
-        from device.cameras.demo import DemoSource
+        from serenbox.device.cameras.demo import DemoSource
 
         return DemoSource(cfg)
 
-    from device.cameras.folder import FolderSource
-    from device.cameras.opencv import OpenCVCamera, VideoFileSource
+    from serenbox.device.cameras.folder import FolderSource
+    from serenbox.device.cameras.opencv import OpenCVCamera, VideoFileSource
 
     if spec.isdigit():
         return OpenCVCamera(int(spec), cfg)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from device.cameras.base import CameraError, Frame, FrameSource
-from device.config import CameraConfig
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource
+from serenbox.device.config import CameraConfig
 
 WIDTH, HEIGHT = 640, 480
 FACE_BOX = (177, 66, 95, 95)  # x, y, w, h of the face in the 512×512 astronaut photo

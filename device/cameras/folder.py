@@ -6,9 +6,9 @@ import logging
 import re
 from pathlib import Path
 
-from device import images
-from device.cameras.base import CameraError, Frame, FrameSource
-from device.config import CameraConfig
+from serenbox.device import images
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource
+from serenbox.device.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

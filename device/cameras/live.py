@@ -14,8 +14,7 @@ import time
 from abc import abstractmethod
 
 import numpy as np
-
-from device.cameras.base import CameraError, Frame, FrameSource, as_bgr
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource, as_bgr
 
 log = logging.getLogger(__name__)
 

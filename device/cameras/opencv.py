@@ -7,10 +7,9 @@ import math
 
 import cv2
 import numpy as np
-
-from device.cameras.base import CameraError, Frame, FrameSource, as_bgr, redact
-from device.cameras.live import LiveSource
-from device.config import CameraConfig
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource, as_bgr, redact
+from serenbox.device.cameras.live import LiveSource
+from serenbox.device.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ import logging
 from typing import Any
 
 import numpy as np
-
-from device.cameras.base import CameraError
-from device.cameras.live import LiveSource
-from device.config import CameraConfig
+from serenbox.device.cameras.base import CameraError
+from serenbox.device.cameras.live import LiveSource
+from serenbox.device.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

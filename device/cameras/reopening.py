@@ -7,8 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from device.cameras.base import CameraError, Frame, FrameSource
-from device.config import CameraConfig
+from serenbox.device.cameras.base import CameraError, Frame, FrameSource
+from serenbox.device.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,19 @@ downstream only sees Face boxes.
 
 from __future__ import annotations
 
-from device.config import DetectorConfig
-from device.faces.base import DetectorError, Face, FaceDetector
+from serenbox.device.config import DetectorConfig
+from serenbox.device.faces.base import DetectorError, Face, FaceDetector
 
 __all__ = ["DetectorError", "Face", "FaceDetector", "build_detector"]
 
 
 def build_detector(cfg: DetectorConfig) -> FaceDetector:
     if cfg.kind == "haar":
-        from device.faces.haar import HaarDetector
+        from serenbox.device.faces.haar import HaarDetector
 
         return HaarDetector(cfg)
     if cfg.kind == "blazeface":
-        from device.faces.blazeface import BlazeFaceDetector
+        from serenbox.device.faces.blazeface import BlazeFaceDetector
 
         return BlazeFaceDetector(cfg)
     raise DetectorError(f"detector.kind: unknown detector {cfg.kind!r} (known: haar, blazeface)")

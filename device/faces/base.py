@@ -6,8 +6,7 @@ from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import numpy as np
-
-from device.config import ConfigError
+from serenbox.device.config import ConfigError
 
 
 class DetectorError(ConfigError):

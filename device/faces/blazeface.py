@@ -22,9 +22,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from device.config import DetectorConfig
-from device.faces.base import DetectorError, Face, FaceDetector, largest
+from serenbox.device.config import DetectorConfig
+from serenbox.device.faces.base import DetectorError, Face, FaceDetector, largest
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "faces"
 # A candidate is looked at again in a window this many times its size: the face then spans about
@@ -139,7 +138,7 @@ class BlazeFaceDetector(FaceDetector):
         """The interpreter for one input size (input, boxes and logits tensor indices, anchors)."""
         if input_hw in self._interpreters:
             return self._interpreters[input_hw]
-        from device.interpreter import load_interpreter
+        from serenbox.device.interpreter import load_interpreter
 
         try:
             interpreter = load_interpreter(str(self.path), self.cfg.num_threads)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from device.config import DetectorConfig
-from device.faces.base import DetectorError, Face, FaceDetector, largest
+from serenbox.device.config import DetectorConfig
+from serenbox.device.faces.base import DetectorError, Face, FaceDetector, largest
 
 CASCADE = "haarcascade_frontalface_default.xml"
 DEBIAN_DIRS = ("/usr/share/opencv4/haarcascades", "/usr/share/opencv/haarcascades")

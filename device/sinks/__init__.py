@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from device.config import Config
-from device.sinks.base import Sink
-from device.sinks.stdout import StdoutSink
+from serenbox.device.config import Config
+from serenbox.device.sinks.base import Sink
+from serenbox.device.sinks.stdout import StdoutSink
 
 
 def build_sinks(cfg: Config, print_events: bool = False) -> list[Sink]:
@@ -14,7 +14,7 @@ def build_sinks(cfg: Config, print_events: bool = False) -> list[Sink]:
     """
     sinks: list[Sink] = []
     if cfg.mqtt.host:
-        from device.sinks.mqtt import MqttSink
+        from serenbox.device.sinks.mqtt import MqttSink
 
         sinks.append(MqttSink(cfg))
         if print_events:

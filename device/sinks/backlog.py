@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from device.spool import Spool, SpoolError
+from serenbox.device.spool import Spool, SpoolError
 
 log = logging.getLogger("serenbox.mqtt")
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from device import __version__
-from device.config import Config
-from device.labels import LABELS
-from device.sinks.mqtt_topics import Topics
+from serenbox.device import __version__
+from serenbox.device.config import Config
+from serenbox.device.labels import LABELS
+from serenbox.device.sinks.mqtt_topics import Topics
 
 # The project has no public home page yet; set one here and `o.support_url` carries it.
 ORIGIN_URL: str | None = None

@@ -36,13 +36,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-
-from device.config import Config, ConfigError
-from device.sinks import ha_discovery
-from device.sinks.backlog import Backlog, Key, advance
-from device.sinks.base import CommandHandler, Sink
-from device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
-from device.spool import Spool
+from serenbox.device.config import Config, ConfigError
+from serenbox.device.sinks import ha_discovery
+from serenbox.device.sinks.backlog import Backlog, Key, advance
+from serenbox.device.sinks.base import CommandHandler, Sink
+from serenbox.device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
+from serenbox.device.spool import Spool
 
 log = logging.getLogger("serenbox.mqtt")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from device.commands import CommandError, validate_command
+from serenbox.device.commands import CommandError, validate_command
 
 __all__ = ["CommandError", "Topics", "error_payload", "parse_command"]
 

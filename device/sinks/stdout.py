@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from device.sinks.base import Sink
+from serenbox.device.sinks.base import Sink
 
 
 class StdoutSink(Sink):

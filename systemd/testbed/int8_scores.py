@@ -14,12 +14,11 @@ import sys
 from importlib.metadata import version
 
 import cv2
-
-from device.classifier import Classifier, resolve_model_path, to_gray
-from device.config import from_dict
-from device.events import rounded_probabilities
-from device.faces import build_detector
-from device.interpreter import runtime_version
+from serenbox.device.classifier import Classifier, resolve_model_path, to_gray
+from serenbox.device.config import from_dict
+from serenbox.device.events import rounded_probabilities
+from serenbox.device.faces import build_detector
+from serenbox.device.interpreter import runtime_version
 
 
 def main(photo: str) -> None:
