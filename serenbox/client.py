@@ -184,7 +184,6 @@ class Client:
         self._answer: ReasonCode | None = None
         self._answered = threading.Event()
         self._subscribed = threading.Event()
-        self._subscribe_mid: int | None = None
         self._closed = False
         self._counts = {"received": 0, "duplicates": 0, "malformed": 0, "acked": 0, "reconnects": 0}
         self._client = self._make_client()
@@ -342,7 +341,8 @@ class Client:
             self._client.connect(self.host, self.port, keepalive=self._keepalive, **kwargs)
         except (OSError, ValueError) as e:
             self.close()
-            raise ConnectionError(f"cannot reach the MQTT broker {where} ({getattr(e, 'strerror', None) or e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise ConnectionError(f"cannot reach the MQTT broker {where} ({why})") from None
         self._client.loop_start()
         if not self._answered.wait(timeout):
             self.close()
@@ -366,9 +366,8 @@ class Client:
                 self._counts["reconnects"] += 1
         # Always subscribe: a broker without persistence forgot the session on restart, and a
         # repeated subscription to a kept session changes nothing.
-        result, mid = client.subscribe([(t, 1) for t in self.topics])
+        client.subscribe([(t, 1) for t in self.topics])
         with self._lock:
-            self._subscribe_mid = mid
             self._answer = None
         self._answered.set()
         log.info(

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any
 
 EVENT_SCHEMA = "serenbox.event/1"
-KINDS = ("events", "state", "stats", "availability", "error")
+# Subscription order: retained availability and state arrive before the rest on (re)connect.
+KINDS = ("availability", "state", "stats", "events", "error")
 
 
 class MalformedMessage(ValueError):
@@ -249,7 +250,8 @@ def _event(data: dict[str, Any], topic: str, payload: bytes) -> Event:
     if summary is not None:
         if not isinstance(summary, dict):
             raise MalformedMessage(f"{topic}: 'summary' is not an object")
-        summary = Summary(_get(summary, "dominant", str, topic), _probabilities(summary.get("share", {}), "share", topic))
+        share = _probabilities(summary.get("share", {}), "share", topic)
+        summary = Summary(_get(summary, "dominant", str, topic), share)
     return Event(
         id=_get(data, "id", str, topic),
         type=_get(data, "type", str, topic),
