@@ -1,6 +1,6 @@
 """A `serenbox.client` subscriber in its own process, for tests that kill it (SIGKILL) mid-stream.
 
-    python -m tests.client_member HOST PORT CLIENT_ID [--group G] [--delay S]
+    python -m tests.client_member HOST PORT CLIENT_ID [--group G] [--delay S] [--expiry S] [--live]
 
 Prints `ready` once subscribed, then one JSON line per event it takes (id, seq, run_id), flushed
 before the event is acknowledged: a line printed is an event the application had in hand.
@@ -24,10 +24,18 @@ def main() -> int:
     parser.add_argument("--group")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds spent on each event")
     parser.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
+    parser.add_argument("--expiry", type=int, help="session expiry in seconds (default: the client's)")
+    parser.add_argument("--live", action="store_true", help="no persistent session")
     args = parser.parse_args()
     deadline = time.monotonic() + args.seconds
     with serenbox.client.connect(
-        args.host, args.port, client_id=args.client_id, group=args.group, kinds=["events"]
+        args.host,
+        args.port,
+        client_id=args.client_id,
+        group=args.group,
+        kinds=["events"],
+        persistent=not args.live,
+        session_expiry_s=args.expiry,
     ) as c:
         print("ready", flush=True)
         while time.monotonic() < deadline:

@@ -396,3 +396,22 @@ def test_logs_say_when_the_session_is_resumed(tmp_path: Path, caplog: pytest.Log
         sc.connect(broker.host, broker.port, client_id="named").close()
     said = re.findall(r"session (new|resumed)", caplog.text)
     assert said == ["new", "resumed"]
+
+
+def test_a_message_whose_handler_fails_is_not_acknowledged(tmp_path: Path) -> None:
+    events = [event("box1", i) for i in (1, 2, 3)]
+
+    def handler(msg: sc.Message) -> None:
+        if isinstance(msg, Event) and msg.seq == 2:
+            raise RuntimeError("the application broke on seq 2")
+
+    with Mosquitto(tmp_path / "broker") as broker:
+        c = sc.connect(broker.host, broker.port, client_id="app", kinds=["events"])
+        for e in events:
+            send(broker, "serenbox/box1/events", json.dumps(e))
+        with pytest.raises(RuntimeError, match="seq 2"), c:
+            c.run(handler, timeout=2.0)
+        assert c.counters()["acked"] == 1  # seq 1 only
+        # The same session again: the broker sends what was never acknowledged.
+        with sc.connect(broker.host, broker.port, client_id="app", kinds=["events"]) as again:
+            assert [m.seq for m in again.events(timeout=1.0)] == [2, 3]
