@@ -254,24 +254,24 @@ def test_broker_restarts_lose_and_duplicate_nothing(tmp_path: Path, protocol: st
     box = sink(where, tmp_path)
     sent: list[dict[str, Any]] = []
 
-    def emit(n: int) -> None:
+    def emit(n: int, run: str) -> None:
         for _ in range(n):
-            sent.append(event("box1", len(sent) + 1))
+            sent.append(event("box1", sum(e["run_id"] == run for e in sent) + 1, run_id=run))
             box.emit(sent[-1])
 
     try:
-        emit(10)
+        emit(10, "run-1")
         wait(lambda: len(collector.events()) == 10, what="events before the outage")
         broker.stop()
         wait(lambda: not client.connected and not box.counters()["mqtt_connected"], what="both to see the outage")
-        emit(15)  # spooled by the box while the broker is down
+        emit(15, "run-1")  # spooled by the box while the broker is down
         broker.start()
-        emit(10)  # the box may send these before the client is back: the broker queues them
+        emit(10, "run-1")  # the box may send these before the client is back: the broker queues them
         wait(lambda: len(collector.events()) == 35, timeout=30, what="events across the first restart")
         broker.stop()
-        emit(5)
+        emit(5, "run-2")  # as if the box had restarted too: a new run, seq from 1
         broker.start()
-        emit(5)
+        emit(5, "run-2")
         wait(lambda: len(collector.events()) == 45, timeout=30, what="events across the second restart")
         time.sleep(0.5)  # a duplicate would have come by now
     finally:
@@ -282,7 +282,9 @@ def test_broker_restarts_lose_and_duplicate_nothing(tmp_path: Path, protocol: st
             gateway.close()
     got = collector.events()
     assert [e.id for e in got] == [e["id"] for e in sent]  # every one, once, in order
-    assert [e.seq for e in got] == list(range(1, 46))
+    assert [(e.run_id, e.seq) for e in got] == [("run-1", i) for i in range(1, 36)] + [
+        ("run-2", i) for i in range(1, 11)
+    ]
     assert client.counters()["reconnects"] >= 2
     assert gateway is None or gateway.refused_v5 >= 1
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.publish as publish
 import pytest
 
 from serenbox.messages import parse
@@ -74,8 +79,8 @@ def test_watch_follows_a_real_daemon(tmp_path: Path) -> None:
         config = write_config(tmp_path, video, broker, camera={"loop": True}, mqtt={"stats_interval_s": 1})
         daemon = Daemon(config)
         try:
-            up = view.wait_line(f"{DEVICE} online faces=1 emotions=[#1 ", "last=[new ")
-            daemon.wait_events(1)
+            # Online needs a stats message too (each second here); tracks come and go meanwhile.
+            up = view.wait_line(f"{DEVICE} online faces=", "emotions=[#", "last=[")
             assert daemon.finish(signal.SIGTERM) == 0, daemon.stderr
             down = view.wait_line(f"{DEVICE} offline", "faces=0")
         finally:
@@ -83,8 +88,10 @@ def test_watch_follows_a_real_daemon(tmp_path: Path) -> None:
             view.proc.send_signal(signal.SIGTERM)
             rc = view.proc.wait(timeout=30)
         assert rc == 0 and view.proc.stderr is not None and view.proc.stderr.read() == ""
-        first = daemon.events[0]
-        assert f"last=[new {first['emotion']} {first['confidence']:.2f} #1 seq 1 " in up
+        # The last event shown is one the daemon printed, as it printed it.
+        seq = int(re.search(r"last=\[.* seq (\d+) ", up).group(1))
+        e = daemon.events[seq - 1]
+        assert f"last=[{e['type']} {e['emotion']} {e['confidence']:.2f} #{e['track_id']} seq {seq} " in up
         # One line per change: no line is printed twice in a row for the box.
         box_lines = [line.split(" ", 1)[1] for line in view.lines if f" {DEVICE} " in line]
         assert all(a != b for a, b in itertools.pairwise(box_lines))
@@ -117,3 +124,74 @@ def test_watch_follows_a_real_daemon(tmp_path: Path) -> None:
     painted = redraw(screen)
     assert painted.startswith(HOME) and painted.endswith(CLEAR_BELOW)
     assert painted.count(CLEAR_LINE) == len(lines)
+
+
+def test_a_terminal_gets_the_table_redrawn_in_place(tmp_path: Path) -> None:
+    state = {"faces": 1, "dominant": "sad", "probabilities": None, "paused": True,
+             "tracks": [{"track_id": 4, "emotion": "sad", "confidence": 0.61, "box": None}]}  # fmt: skip
+    with Mosquitto(tmp_path / "broker") as broker:
+        for topic, payload in (("availability", "online"), ("state", json.dumps(state))):
+            publish.single(
+                f"serenbox/kitchen/{topic}", payload, qos=1, retain=True, hostname=broker.host, port=broker.port
+            )
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serenbox",
+                "watch",
+                "--host",
+                broker.host,
+                "--port",
+                str(broker.port),
+                "--seconds",
+                "2.5",
+            ],
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        os.close(slave)
+        out = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closes when the process exits
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        assert proc.wait(timeout=30) == 0
+    text = out.decode()
+    frames = text.split(HOME)[1:]
+    assert len(frames) >= 2  # redrawn (once a second at least), never scrolled
+    assert "\n" not in text.split(HOME)[0].replace("\r", "")  # nothing printed before the first frame
+    last = frames[-1]
+    assert "DEVICE" in last and "kitchen  online?, paused  1      #4 sad 0.61" in last
+    assert last.endswith(CLEAR_BELOW + "\x1b[?25h")  # the cursor comes back at the end
+
+
+def test_plain_view_says_when_the_broker_goes_and_comes_back(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker").start()
+    view = WatchProcess("--host", broker.host, "--port", str(broker.port), "--device", "hall")
+    try:
+        publish.single(
+            "serenbox/hall/availability", "online", qos=1, retain=True, hostname=broker.host, port=broker.port
+        )
+        publish.single("serenbox/attic/availability", "online", qos=1, hostname=broker.host, port=broker.port)
+        view.wait_line("hall online? faces=-")
+        broker.stop()
+        view.wait_line("broker lost; reconnecting")
+        broker.start()
+        view.wait_line("broker connected")
+        publish.single("serenbox/hall/availability", "offline", qos=1, hostname=broker.host, port=broker.port)
+        view.wait_line("hall offline")
+    finally:
+        view.proc.send_signal(signal.SIGINT)
+        rc = view.proc.wait(timeout=30)
+        broker.stop()
+    assert rc == 0
+    assert not [line for line in view.lines if "attic" in line]  # --device: that box only
