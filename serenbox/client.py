@@ -24,6 +24,7 @@ Imports paho only: no numpy, OpenCV or TFLite.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import ssl
@@ -83,6 +84,10 @@ ANONYMOUS_SESSION_EXPIRY_S = 3600
 RECEIVE_MAXIMUM = 100
 # CONNACK reasons meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 0x84).
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
+# Two processes with one client id take the session from each other in turn: the broker closes
+# each connection as the other opens. paho reports only "unspecified error", so count them.
+SHORT_CONNECTION_S = 2.0
+SHORT_CONNECTIONS_TO_WARN = 3
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,9 @@ class Dedupe:
         self._ids.move_to_end(event_id)
         while len(self._ids) > self.size:
             self._ids.popitem(last=False)
+
+    def discard(self, event_id: str) -> None:
+        self._ids.pop(event_id, None)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -185,6 +193,8 @@ class Client:
         self._answered = threading.Event()
         self._subscribed = threading.Event()
         self._closed = False
+        self._connected_at = 0.0
+        self._short_connections = 0
         self._counts = {"received": 0, "duplicates": 0, "malformed": 0, "acked": 0, "reconnects": 0}
         self._client = self._make_client()
 
@@ -222,9 +232,14 @@ class Client:
 
     def run(self, handler: Callable[[Message], object], timeout: float | None = None) -> None:
         """Call `handler` for every message; each is acknowledged once the handler returns. An
-        exception from the handler ends the loop unacknowledged, so the broker sends it again."""
+        exception from the handler ends the loop and leaves that message unacknowledged: the broker
+        sends it again when this client id connects next."""
         for msg in self.messages(timeout):
-            handler(msg)
+            try:
+                handler(msg)
+            except BaseException:
+                self._release()
+                raise
         self.ack()
 
     def next(self, timeout: float | None = None) -> Message | None:
@@ -251,6 +266,16 @@ class Client:
         item, self._taken = self._taken, None
         if item is not None:
             self._ack(item)
+
+    def _release(self) -> None:
+        """Give up the message last returned without acknowledging it: the broker sends it again
+        on this client id's next connection, and dedupe must not take that for a duplicate."""
+        item, self._taken = self._taken, None
+        if item is not None:
+            with contextlib.suppress(MalformedMessage):
+                msg = parse(item.topic, item.payload)
+                if isinstance(msg, Event):
+                    self._dedupe.discard(msg.id)
 
     def counters(self) -> dict[str, int | bool]:
         with self._lock:
@@ -362,6 +387,7 @@ class Client:
                 return
             self._connection += 1
             self._connected = True
+            self._connected_at = time.monotonic()
             if self._connection > 1:
                 self._counts["reconnects"] += 1
         # Always subscribe: a broker without persistence forgot the session on restart, and a
@@ -389,6 +415,20 @@ class Client:
             was, self._connected = self._connected, False
         if was and not self._closed:
             log.warning("MQTT connection lost (%s); reconnecting", str(reason).lower())
+            self._note_short_connection()
+
+    def _note_short_connection(self) -> None:
+        with self._lock:
+            short = time.monotonic() - self._connected_at < SHORT_CONNECTION_S
+            self._short_connections = self._short_connections + 1 if short else 0
+            warn = self._short_connections == SHORT_CONNECTIONS_TO_WARN
+        if warn:
+            log.error(
+                "the broker closed %d connections in a row right after they opened: is another process "
+                "using client id %r? (give each process its own)",
+                SHORT_CONNECTIONS_TO_WARN,
+                self.client_id,
+            )
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

@@ -414,6 +414,20 @@ def test_a_message_whose_handler_fails_is_not_acknowledged(tmp_path: Path) -> No
         with pytest.raises(RuntimeError, match="seq 2"), c:
             c.run(handler, timeout=2.0)
         assert c.counters()["acked"] == 1  # seq 1 only
+        assert not c._dedupe.seen(events[1]["id"])  # its redelivery will not be taken for a duplicate
         # The same session again: the broker sends what was never acknowledged.
         with sc.connect(broker.host, broker.port, client_id="app", kinds=["events"]) as again:
             assert [m.seq for m in again.events(timeout=1.0)] == [2, 3]
+
+
+def test_two_processes_with_one_client_id_are_named_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        first = sc.connect(broker.host, broker.port, client_id="shared-id")
+        second = sc.connect(broker.host, broker.port, client_id="shared-id")
+        try:
+            wait(lambda: "is another process using client id 'shared-id'?" in caplog.text, what="the log")
+        finally:
+            first.close()
+            second.close()
