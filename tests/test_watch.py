@@ -20,7 +20,7 @@ import pytest
 from serenbox.messages import parse
 from serenbox.watch import CLEAR_BELOW, CLEAR_LINE, HOME, Board, plain_line, redraw, render_table
 from tests import media
-from tests.daemon import Daemon, write_config
+from tests.daemon import USERS, Daemon, secure_broker, write_config
 from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
@@ -195,3 +195,28 @@ def test_plain_view_says_when_the_broker_goes_and_comes_back(tmp_path: Path) -> 
         broker.stop()
     assert rc == 0
     assert not [line for line in view.lines if "attic" in line]  # --device: that box only
+
+
+def test_a_viewer_login_from_the_documented_access_list(tmp_path: Path) -> None:
+    with secure_broker(tmp_path / "broker") as broker:
+        auth = {"username": "serenbox", "password": USERS["serenbox"]}  # the box's own login
+        publish.single(
+            "serenbox/hall/availability",
+            "offline",
+            qos=1,
+            retain=True,
+            hostname=broker.host,
+            port=broker.port,
+            auth=auth,
+        )
+        args = [sys.executable, "-m", "serenbox", "watch", "--host", broker.host, "--port", str(broker.port)]
+        args += ["--username", "viewer", "--plain", "--seconds", "1.5"]
+        env = {**os.environ, "SERENBOX_MQTT_PASSWORD": USERS["viewer"]}
+        ok = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        env["SERENBOX_MQTT_PASSWORD"] = "wrong"
+        refused = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert ok.returncode == 0 and " hall offline " in ok.stdout, ok.stderr
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        f"serenbox watch: the MQTT broker {broker.host}:{broker.port} refused the connection: not authorized"
+    ]
