@@ -1,4 +1,4 @@
-"""`serenbox`: the daemon (`run`), the single-photo service (`classify`), and `ha-remove`.
+"""`serenbox`: the daemon (`run`), the single-photo service (`classify`), `ha-remove`, and `watch`.
 
 Errors a user can fix (configuration, model, image, source) are one line on stderr naming the
 problem and exit 2; no traceback. Logs go to stderr; stdout carries only JSON lines.
@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ha-remove", help="remove this box from Home Assistant (clears its retained MQTT discovery config)"
     )
     ha_remove.add_argument("--config", required=True, help="YAML configuration (device_id, mqtt, homeassistant)")
+    watch = sub.add_parser("watch", help="a live view of every SerenBox on an MQTT broker")
+    watch.add_argument("--host", required=True, help="the MQTT broker")
+    watch.add_argument("--port", type=_positive_int, help="default 1883, or 8883 with --tls")
+    watch.add_argument("--device", default="+", help="one box's device_id (default: every box)")
+    watch.add_argument("--prefix", default="serenbox", help="mqtt.topic_prefix of the boxes")
+    watch.add_argument("--plain", action="store_true", help="one line per change (the default when not a TTY)")
+    watch.add_argument("--username", help="broker user (password from SERENBOX_MQTT_PASSWORD)")
+    watch.add_argument("--tls", action="store_true", help="connect over TLS (system CAs unless --ca-file)")
+    watch.add_argument("--ca-file", help="the CA that signed the broker's certificate (implies --tls)")
+    watch.add_argument("--seconds", type=float, help=argparse.SUPPRESS)  # tests: stop after this long
     return parser
 
 
@@ -275,6 +285,48 @@ def cmd_ha_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- watch -----------------------------------------------------------------------------------
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import serenbox.client
+    from serenbox import watch
+
+    setup_logging("ERROR")  # the view is the output; a lost connection shows in it
+    tls = serenbox.client.Tls(ca_file=args.ca_file) if args.tls or args.ca_file else None
+    if args.ca_file and not Path(args.ca_file).is_file():
+        raise UsageError(f"--ca-file: {args.ca_file} does not exist")
+    port = args.port or (8883 if tls else 1883)
+    try:
+        client = serenbox.client.connect(
+            args.host,
+            port,
+            device=args.device,
+            prefix=args.prefix,
+            persistent=False,  # a live view: nothing needs keeping while it is closed
+            username=args.username,
+            password=os.environ.get("SERENBOX_MQTT_PASSWORD"),
+            tls=tls,
+        )
+    except (ConnectionError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    # SIGTERM ends the view as Ctrl-C does: the terminal gets its cursor back.
+    signal.signal(signal.SIGTERM, _interrupt)
+    plain = args.plain or not watch.is_tty(sys.stdout)
+    title = f"serenbox watch {args.host}:{port} device {args.device}"
+    try:
+        watch.watch(client, sys.stdout, plain, title, args.seconds)
+    except BrokenPipeError:  # `serenbox watch | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -282,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "ha-remove":
             return cmd_ha_remove(args)
+        if args.command == "watch":
+            return cmd_watch(args)
         return cmd_classify(args)
     except (ConfigError, ModelError, UsageError) as e:
         print(f"serenbox {args.command}: {e}", file=sys.stderr)
