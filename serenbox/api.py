@@ -55,13 +55,12 @@ class _Models:
 
 _loaded: dict[str, _Models] = {}
 _loading = threading.Lock()
+_default: _Models | None = None  # the models without a config: most calls, so spared building a Config each time
 
 
 def _config(config: ConfigInput) -> Config:
     if isinstance(config, Config):
         return config
-    if config is None:
-        return from_dict({})
     if isinstance(config, Mapping):
         return from_dict(dict(config))
     if isinstance(config, str | os.PathLike):
@@ -104,4 +103,9 @@ def classify(
     an image, an image over 40 megapixels, a truncated file or an unusable array;
     serenbox.ConfigError / serenbox.ModelError (ValueErrors) for a bad configuration or model.
     """
-    return _models(_config(config)).classify(image, crop, rgb)
+    global _default
+    if config is not None:
+        return _models(_config(config)).classify(image, crop, rgb)
+    if _default is None:
+        _default = _models(from_dict({}))
+    return _default.classify(image, crop, rgb)

@@ -17,11 +17,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import serenbox
-from serenbox import api
 from serenbox.device.labels import LABELS
 from serenbox.device.photos import Box, PixelBox, describe
 
+import serenbox
+from serenbox import api
 from tests import media
 from tests.test_faults_images import png_claiming
 
@@ -172,7 +172,7 @@ def test_errors_are_clear_exceptions(tmp_path: Path) -> None:
         serenbox.classify([[0, 1], [2, 3]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rgb=True is for numpy arrays"):
         serenbox.classify(jpeg, rgb=True)
-    with pytest.raises(serenbox.ConfigError, match="detector.min_fase"):
+    with pytest.raises(serenbox.ConfigError, match=r"detector\.min_fase"):
         serenbox.classify(jpeg, config={"detector": {"min_fase": 20}})
     with pytest.raises(serenbox.ModelError, match=r"absent\.tflite"):
         serenbox.classify(jpeg, config={"model": {"path": str(tmp_path / "absent.tflite")}})
@@ -318,13 +318,14 @@ def test_stdin_is_one_image(photo: Path) -> None:
 def test_fer2013_crops_in_a_folder_are_all_classified(fer2013_npz: Path, tmp_path: Path) -> None:
     from serenbox.device.classifier import Classifier, resolve_model_path
 
-    data = np.load(fer2013_npz)
-    rows = np.flatnonzero(data["split"] == 1)  # PublicTest
+    with np.load(fer2013_npz) as data:  # each access to an .npz member decompresses it again: once each
+        pixels, labels, splits = data["x"], data["y"], data["split"]
+    rows = np.flatnonzero(splits == 1)  # PublicTest
     rows = np.sort(np.random.default_rng(0).choice(rows, 200, replace=False))
     folder = tmp_path / "fer"
     folder.mkdir()
     for row in rows:
-        cv2.imwrite(str(folder / f"{row:05d}.png"), data["x"][row])
+        cv2.imwrite(str(folder / f"{row:05d}.png"), pixels[row])
     proc = serenbox_cli("classify", "--crop", str(folder), timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -332,8 +333,9 @@ def test_fer2013_crops_in_a_folder_are_all_classified(fer2013_npz: Path, tmp_pat
     assert all(len(line["faces"]) == 1 for line in lines)
     predicted = np.array([LABELS.index(line["faces"][0]["emotion"]) for line in lines])
     # PNG is lossless: the command must give exactly what the model gives the data set's pixels.
-    direct = Classifier(resolve_model_path(None)).classify_crops(list(data["x"][rows]))
-    assert list(predicted) == [LABELS.index(describe(p, Box(0, 0, 1, 1), PixelBox(0, 0, 48, 48)).emotion) for p in direct]
-    accuracy = float(np.mean(predicted == data["y"][rows]))
+    direct = Classifier(resolve_model_path(None)).classify_crops(list(pixels[rows]))
+    whole = Box(0, 0, 1, 1), PixelBox(0, 0, 48, 48)
+    assert list(predicted) == [LABELS.index(describe(p, *whole).emotion) for p in direct]
+    accuracy = float(np.mean(predicted == labels[rows]))
     # The model card: about 70 % on FER2013's test splits; 200 faces leave a few points of chance.
     assert accuracy >= 0.60, accuracy
