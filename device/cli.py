@@ -211,26 +211,27 @@ def check_image_path(path: str) -> None:
         raise UsageError(f"{path}: not a file")
 
 
-def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """IMAGE arguments → the images to classify (a folder gives its image files in name order) and the
-    one-line problems: missing paths, empty folders, and the files a folder held that are not images."""
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """IMAGE arguments → the images to classify (a folder gives its image files in name order), what
+    was skipped in folders (not images: said, not failed), and errors (missing paths, empty folders)."""
     if list(args).count(STDIN) > 1:
         raise UsageError("- (standard input) may be given once: it holds one image")
     found: list[str] = []
-    problems: list[str] = []
+    skipped: list[str] = []
+    errors: list[str] = []
     for arg in args:
         if arg == STDIN:
             found.append(arg)
             continue
         try:
             check_image_path(arg)  # before the model loads, so a typo costs no time
-            found.extend(_folder_images(Path(arg), problems) if Path(arg).is_dir() else [arg])
+            found.extend(_folder_images(Path(arg), skipped) if Path(arg).is_dir() else [arg])
         except UsageError as e:
-            problems.append(str(e))
-    return found, problems
+            errors.append(str(e))
+    return found, skipped, errors
 
 
-def _folder_images(folder: Path, problems: list[str]) -> list[str]:
+def _folder_images(folder: Path, skipped: list[str]) -> list[str]:
     from serenbox.device.cameras.folder import IMAGE_SUFFIXES, natural_key
 
     try:
@@ -240,9 +241,9 @@ def _folder_images(folder: Path, problems: list[str]) -> list[str]:
     found = []
     for entry in entries:
         if entry.is_dir():
-            problems.append(f"skipped {entry}: a folder (folders are not searched recursively)")
+            skipped.append(f"skipped {entry}: a folder (folders are not searched recursively)")
         elif entry.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.append(f"skipped {entry}: not an image file name (image files end in {_suffixes()})")
+            skipped.append(f"skipped {entry}: not an image file name (image files end in {_suffixes()})")
         else:
             found.append(str(entry))
     if not found:
@@ -270,12 +271,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     # A one-shot command: its output is the JSON; progress chatter only when asked to debug.
     setup_logging("DEBUG" if cfg.log_level == "DEBUG" else "WARNING")
-    status = EXIT_OK
-    inputs, problems = expand_inputs(args.images)
-    for problem in problems:
-        print(f"serenbox classify: {problem}", file=sys.stderr)
-        if not problem.startswith("skipped "):  # a folder's other files are not the user's images
-            status = EXIT_USAGE
+    inputs, skipped, errors = expand_inputs(args.images)
+    for line in skipped + errors:
+        print(f"serenbox classify: {line}", file=sys.stderr)
+    status = EXIT_USAGE if errors else EXIT_OK
     if not inputs:
         return status
     classifier = build_classifier(cfg)

@@ -1,4 +1,4 @@
-"""Still images from files or bytes, checked before they are decoded.
+"""Still images from files, bytes, a stream or a caller's array, checked before they are decoded.
 
 A photo's header says how large it is; decoding trusts it. A 74-byte PNG can claim
 65535×65535 pixels (12 GB to decode), so the size is read from the header first (Pillow reads
