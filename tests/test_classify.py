@@ -125,7 +125,7 @@ def test_a_small_crop_without_crop_mode_warns() -> None:
 
 
 def test_the_model_loads_once_and_threads_share_it(photo: Path) -> None:
-    serenbox.classify(photo)
+    in_photo = serenbox.classify(photo)
     loaded = dict(api._loaded)
     crops = [face_crop(side) for side in (48, 64, 80, 96, 112, 128)]
     expected = [serenbox.classify(c, crop=True) for c in crops]
@@ -134,6 +134,7 @@ def test_the_model_loads_once_and_threads_share_it(photo: Path) -> None:
     def work(t: int) -> None:
         for i in range(len(crops)):
             results[t, i] = serenbox.classify(crops[i], crop=True)
+        results[t, -1] = serenbox.classify(photo)  # the detector is shared too
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for thread in threads:
@@ -141,6 +142,7 @@ def test_the_model_loads_once_and_threads_share_it(photo: Path) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert all(results[t, i] == expected[i] for t in range(4) for i in range(len(crops)))
+    assert all(results[t, -1] == in_photo for t in range(4))
     assert api._loaded == loaded  # the same models, not new ones per call or per thread
 
 
@@ -229,11 +231,12 @@ def tie_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_api_and_the_command_break_a_real_tie_alike(tie_model: Path, tmp_path: Path) -> None:
     image = media.write_image(tmp_path / "face.png", face_crop(48))
-    (face,) = serenbox.classify(image, crop=True, config={"model": {"path": str(tie_model)}})
-    assert face.probabilities["fear"] == face.probabilities["surprise"]  # the tie is exact
-    assert face.emotion == "fear"
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"model": {"path": str(tie_model)}}))
+    (face,) = serenbox.classify(image, crop=True, config=config)
+    assert face.probabilities["fear"] == face.probabilities["surprise"]  # the tie is exact
+    assert face.emotion == "fear"
+    assert serenbox.classify(image, crop=True, config={"model": {"path": str(tie_model)}}) == [face]
     proc = serenbox_cli("classify", "--crop", str(image), "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["faces"] == [face.to_dict()]
