@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 from serenbox.device import preprocess
+from serenbox.device.config import ModelConfig
 from serenbox.device.interpreter import load_interpreter
 from serenbox.device.manifest import Manifest, ManifestError, check_against_interpreter, load_manifest
 
@@ -30,6 +31,16 @@ class ModelError(ValueError):
 def resolve_model_path(path: str | None) -> Path:
     """config.model.path, or the model that ships in the package."""
     return Path(path).expanduser() if path else DEFAULT_MODEL
+
+
+def from_config(cfg: ModelConfig) -> Classifier:
+    """The classifier `model.*` describes (the shipped model unless model.path is set); ModelError if it is unusable."""
+    path = resolve_model_path(cfg.path)
+    if not path.is_file():
+        if cfg.path:
+            raise ModelError(f"model.path: {path} does not exist")
+        raise ModelError(f"model.path: not set, and the shipped model {path} is missing (set model.path to a .tflite)")
+    return Classifier(path, cfg.num_threads, flip_tta=cfg.flip_tta)
 
 
 def crop_box(box: Box, margin: float, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from serenbox.device import __version__, images
-from serenbox.device.classifier import Classifier, ModelError, resolve_model_path, to_gray
+from serenbox.device.classifier import Classifier, ModelError
+from serenbox.device.classifier import from_config as classifier_from_config
 from serenbox.device.config import Config, ConfigError, load
-from serenbox.device.events import dominant, normalised_box, rounded_probabilities
 from serenbox.device.logs import setup_logging
+from serenbox.device.photos import Photo, classify_photo, open_photo, result_line
 from serenbox.device.signals import SignalThread
 
 log = logging.getLogger("serenbox")
@@ -44,8 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="override camera.source (picamera2, demo, 0, /dev/video0, a file, a URL)")
     run.add_argument("--print-events", action="store_true", help="also print events as JSON lines to stdout")
     run.add_argument("--max-frames", type=_positive_int, help="stop after this many processed frames")
-    classify = sub.add_parser("classify", help="emotions of the faces in photos, one JSON line per image")
-    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify = sub.add_parser(
+        "classify",
+        help="emotions of the faces in photos, one JSON line per image",
+        description="Emotions of the faces in photos, one JSON line per image. From Python: serenbox.classify(image).",
+    )
+    classify.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="an image file, a folder (its image files, in name order) or - (one image on stdin)",
+    )
+    classify.add_argument(
+        "--crop",
+        action="store_true",
+        help="each image is one already-cropped face (e.g. FER2013's 48×48): no face detection",
+    )
     classify.add_argument("--config", help="YAML configuration (model and detector settings)")
     ha_remove = sub.add_parser(
         "ha-remove", help="remove this box from Home Assistant (clears its retained MQTT discovery config)"
@@ -84,12 +99,7 @@ def load_config(path: str | None, source: str | None = None) -> Config:
 
 
 def build_classifier(cfg: Config) -> Classifier:
-    path = resolve_model_path(cfg.model.path)
-    if not path.is_file():
-        if cfg.model.path:
-            raise ModelError(f"model.path: {path} does not exist")
-        raise ModelError(f"model.path: not set, and the shipped model {path} is missing (set model.path to a .tflite)")
-    return Classifier(path, cfg.model.num_threads, flip_tta=cfg.model.flip_tta)
+    return classifier_from_config(cfg.model)
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -200,38 +210,69 @@ def _stop_deadline_passed() -> None:
 
 # --- classify --------------------------------------------------------------------------------
 
+STDIN = "-"
+
 
 def check_image_path(path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{path}: no such file")
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():
         raise UsageError(f"{path}: not a file")
 
 
-def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config) -> dict[str, Any]:
-    try:  # images.read names a missing file or a folder as check_image_path does
-        image, (full_width, full_height) = images.read(path)
-    except images.ImageError as e:
-        raise UsageError(str(e)) from None
-    gray = to_gray(image)
-    height, width = gray.shape[:2]
-    faces = detector.detect(gray)
-    boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
-    probs = classifier.classify(gray, boxes, cfg.detector.margin)
-    out = []
-    for box, p_face in zip(boxes, probs, strict=True):
-        probabilities = rounded_probabilities(p_face)
-        emotion = dominant(p_face)  # the largest published value too (rounded_probabilities sees to it)
-        out.append(
-            {
-                "box": normalised_box(box, width, height),
-                "emotion": emotion,
-                "confidence": probabilities[emotion],
-                "probabilities": probabilities,
-            }
-        )
-    return {"image": path, "width": full_width, "height": full_height, "faces": out}
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """IMAGE arguments → the images to classify (a folder gives its image files in name order), what
+    was skipped in folders (not images: said, not failed), and errors (missing paths, empty folders)."""
+    if list(args).count(STDIN) > 1:
+        raise UsageError("- (standard input) may be given once: it holds one image")
+    found: list[str] = []
+    skipped: list[str] = []
+    errors: list[str] = []
+    for arg in args:
+        if arg == STDIN:
+            found.append(arg)
+            continue
+        try:
+            check_image_path(arg)  # before the model loads, so a typo costs no time
+            found.extend(_folder_images(Path(arg), skipped) if Path(arg).is_dir() else [arg])
+        except UsageError as e:
+            errors.append(str(e))
+    return found, skipped, errors
+
+
+def _folder_images(folder: Path, skipped: list[str]) -> list[str]:
+    from serenbox.device.cameras.folder import IMAGE_SUFFIXES, natural_key
+
+    try:
+        entries = sorted(folder.iterdir(), key=natural_key)
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
+    found = []
+    for entry in entries:
+        if entry.is_dir():
+            skipped.append(f"skipped {entry}: a folder (folders are not searched recursively)")
+        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"skipped {entry}: not an image file name (image files end in {_suffixes()})")
+        else:
+            found.append(str(entry))
+    if not found:
+        raise UsageError(f"{folder}: no image files in the folder (image files end in {_suffixes()})")
+    return found
+
+
+def _suffixes() -> str:
+    from serenbox.device.cameras.folder import IMAGE_SUFFIXES
+
+    return ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+def read_photo(name: str) -> Photo:
+    """A path, or `-` for one image's bytes on standard input; images.ImageError if it is unusable."""
+    if name == STDIN:
+        image, (width, height) = images.read_stream(sys.stdin.buffer, "standard input")
+        return Photo(STDIN, image, width, height)
+    return open_photo(name)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -240,28 +281,33 @@ def cmd_classify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     # A one-shot command: its output is the JSON; progress chatter only when asked to debug.
     setup_logging("DEBUG" if cfg.log_level == "DEBUG" else "WARNING")
-    status = EXIT_OK
-    images = []
-    for path in args.images:
-        try:
-            check_image_path(path)  # before the model loads, so a typo costs no time
-            images.append(path)
-        except UsageError as e:
-            print(f"serenbox classify: {e}", file=sys.stderr)
-            status = EXIT_USAGE
-    if not images:
+    inputs, skipped, errors = expand_inputs(args.images)
+    for line in skipped + errors:
+        print(f"serenbox classify: {line}", file=sys.stderr)
+    status = EXIT_USAGE if errors else EXIT_OK
+    if not inputs:
         return status
     classifier = build_classifier(cfg)
-    detector = build_detector(cfg.detector)
-    for path in images:
+    detector = None if args.crop else build_detector(cfg.detector)
+    hinted = False
+    for name in inputs:
         try:
-            line = classify_image(path, classifier, detector, cfg)
-        except UsageError as e:
+            photo = read_photo(name)
+        except images.ImageError as e:
             # The other images still get their answer; the exit code tells a script one failed.
             print(f"serenbox classify: {e}", file=sys.stderr)
             status = EXIT_USAGE
             continue
-        print(json.dumps(line, separators=(",", ":")), flush=True)
+        faces = classify_photo(photo, classifier, detector, cfg.detector.margin)
+        print(json.dumps(result_line(photo, faces), separators=(",", ":")), flush=True)
+        if not faces and detector is not None and not hinted and photo.looks_like_crop():
+            # Once per run: a folder of 900 crops needs the hint once, not 900 times.
+            print(
+                f"serenbox classify: no face found in {photo.name} ({photo.width}×{photo.height}); "
+                "for already-cropped faces use --crop",
+                file=sys.stderr,
+            )
+            hinted = True
     return status
 
 

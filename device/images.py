@@ -1,4 +1,4 @@
-"""Still images from files or bytes, checked before they are decoded.
+"""Still images from files, bytes, a stream or a caller's array, checked before they are decoded.
 
 A photo's header says how large it is; decoding trusts it. A 74-byte PNG can claim
 65535×65535 pixels (12 GB to decode), so the size is read from the header first (Pillow reads
@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -79,11 +80,16 @@ def decode(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[
         image = None
     if image is None:
         raise ImageError(f"{name}: the {fmt} image does not decode (damaged?)")
+    return fit(image), (width, height)
+
+
+def fit(image: np.ndarray) -> np.ndarray:
+    """The image scaled down to MAX_SIDE on its longest side (unchanged if it is not longer)."""
     long_side = max(image.shape[:2])
-    if long_side > MAX_SIDE:
-        f = MAX_SIDE / long_side
-        image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
-    return image, (width, height)
+    if long_side <= MAX_SIDE:
+        return image
+    f = MAX_SIDE / long_side
+    return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
 
 
 def read(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
@@ -99,3 +105,43 @@ def read(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarr
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror})") from None
     return decode(data, str(path), max_pixels)
+
+
+def read_stream(stream: BinaryIO, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode` of one image's bytes from a stream (standard input), read no further than the size limit."""
+    try:
+        data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise ImageError(f"{name}: no data (expected one image's bytes)")
+    return decode(data, name, max_pixels)
+
+
+def from_array(
+    array: np.ndarray, name: str, rgb: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A caller's pixels, checked as a file's are: uint8 gray (H, W) or (H, W, 1), or colour (H, W, 3) BGR
+    as OpenCV gives it (RGB with `rgb=True`), or (H, W, 4) with alpha, which is ignored.
+
+    Returns a gray or BGR image at most MAX_SIDE on its longest side, and the full size (width, height)."""
+    if not isinstance(array, np.ndarray):
+        raise ImageError(f"{name}: expected a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        # Floats in 0..1 or 0..255, or 16-bit: guessing the range would silently change the answer.
+        raise ImageError(f"{name}: pixels must be uint8 (0..255), got {array.dtype}; convert with .astype(np.uint8)")
+    channels = 1 if array.ndim == 2 else array.shape[-1] if array.ndim == 3 else None
+    if channels not in (1, 3, 4):
+        raise ImageError(f"{name}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    height, width = array.shape[:2]
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: the image is empty ({width}×{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: {width}×{height} is {width * height:,} pixels; the limit is {max_pixels:,}")
+    if channels == 1:
+        image = array.reshape(height, width)
+    elif channels == 3:
+        image = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array
+    else:
+        image = cv2.cvtColor(array, cv2.COLOR_RGBA2BGR if rgb else cv2.COLOR_BGRA2BGR)
+    return fit(np.ascontiguousarray(image)), (width, height)

@@ -84,8 +84,9 @@ def bad_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
         path = d / f"{name}{suffix}"
         path.write_bytes(data)
         out[name] = (path, words)
+    # A folder is read as a folder of images (`serenbox classify FOLDER`); this one holds none.
     (d / "folder.jpg").mkdir()
-    out["directory"] = (d / "folder.jpg", "not a file")
+    out["directory"] = (d / "folder.jpg", "no image files in the folder")
     return out
 
 

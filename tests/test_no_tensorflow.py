@@ -71,6 +71,23 @@ def test_classify_does_not_import_tensorflow(setup: tuple[Path, Path]) -> None:
     assert report == {"code": 0, "heavy": []}
 
 
+def test_the_python_api_does_not_import_tensorflow(setup: tuple[Path, Path]) -> None:
+    config, image = setup
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import serenbox
+        faces = serenbox.classify({str(image)!r}, config={str(config)!r})
+        crops = serenbox.classify(open({str(image)!r}, "rb").read(), crop=True, config={str(config)!r})
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {set(HEAVY)!r})
+        print(json.dumps({{"faces": len(faces), "crops": len(crops), "heavy": heavy}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"faces": 1, "crops": 1, "heavy": []}
+
+
 def test_no_device_module_imports_tensorflow() -> None:
     # Every module under device/, the MQTT sink included, imported into one fresh interpreter.
     code = textwrap.dedent(
