@@ -22,6 +22,7 @@ from serenbox.device import __version__, images
 from serenbox.device.classifier import Classifier, ModelError, resolve_model_path, to_gray
 from serenbox.device.config import Config, ConfigError, load
 from serenbox.device.events import dominant, normalised_box, rounded_probabilities
+from serenbox.device.faces.base import face_rolls
 from serenbox.device.logs import setup_logging
 from serenbox.device.signals import SignalThread
 
@@ -208,7 +209,7 @@ def classify_image(path: str, classifier: Classifier, detector: Any, cfg: Config
     height, width = gray.shape[:2]
     faces = detector.detect(gray)
     boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
-    probs = classifier.classify(gray, boxes, cfg.detector.margin)
+    probs = classifier.classify(gray, boxes, cfg.detector.margin, face_rolls(faces, cfg.detector.align))
     out = []
     for box, p_face in zip(boxes, probs, strict=True):
         probabilities = rounded_probabilities(p_face)
