@@ -1,6 +1,6 @@
 """SerenBox's pipeline against the `fer` package's, on the same clip and the same core, in one run.
 
-    python benchmarks/bench_vs_fer.py FER_PYTHON [--faces 1 3] [--rounds 2] [--seconds 4] [--core 1]
+    python benchmarks/bench_vs_fer.py FER_PYTHON [--faces 1 3] [--rounds 2] [--seconds 10] [--core 1]
 
 FER_PYTHON is the python of a throwaway environment with `fer` installed (it pulls TensorFlow,
 which SerenBox never needs): for example `python3.11 -m venv /tmp/fer-venv && /tmp/fer-venv/bin/pip
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fer_python", help="python of an environment where `fer` is installed")
     parser.add_argument("--faces", type=int, nargs="+", choices=(1, 3), default=[1, 3])
     parser.add_argument("--rounds", type=int, default=2, help="runs of each pipeline per clip, alternating")
-    parser.add_argument("--seconds", type=float, default=4.0, help="clip length at 30 fps")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length at 30 fps (bench_pipeline.py's default)")
     parser.add_argument("--core", type=int, default=1, help="the CPU both pipelines are pinned to")
     args = parser.parse_args(argv)
     if not Path(args.fer_python).is_file():
