@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fer_python", help="python of an environment where `fer` is installed")
     parser.add_argument("--faces", type=int, nargs="+", choices=(1, 3), default=[1, 3])
     parser.add_argument("--rounds", type=int, default=2, help="runs of each pipeline per clip, alternating")
-    parser.add_argument("--seconds", type=float, default=10.0, help="clip length at 30 fps (bench_pipeline.py's default)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="clip length at 30 fps (bench_pipeline.py's default)"
+    )
     parser.add_argument("--core", type=int, default=1, help="the CPU both pipelines are pinned to")
     args = parser.parse_args(argv)
     if not Path(args.fer_python).is_file():
