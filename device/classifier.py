@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "emotion_int8.tflite"
 Box = tuple[float, float, float, float]
+# Faces leaning less than this are cropped as they are: the eye line of an upright face wobbles
+# by about this much from frame to frame, and a resampling would only soften the crop.
+MIN_ROLL_DEG = 3.0
 
 
 class ModelError(ValueError):
@@ -106,17 +109,31 @@ class Classifier:
         face = face[..., None] if spec.channels == 1 else np.repeat(face[..., None], 3, axis=-1)
         return preprocess.quantize(face, spec.scale, spec.zero_point, self._in_dtype)
 
-    def crops(self, gray: np.ndarray, boxes: Sequence[Box], margin: float) -> list[np.ndarray]:
+    def crops(
+        self, gray: np.ndarray, boxes: Sequence[Box], margin: float, rolls: Sequence[float | None] | None = None
+    ) -> list[np.ndarray]:
+        """The crops the model sees. `rolls`: per box, the face's lean in degrees (Face.roll) to
+        turn it upright by, or None to crop it as it is."""
         h, w = gray.shape[:2]
         out = []
-        for box in boxes:
+        for box, roll in zip(boxes, rolls or [None] * len(boxes), strict=True):
             x0, y0, x1, y1 = crop_box(box, margin, w, h)
-            out.append(gray[y0:y1, x0:x1])
+            if roll is None or abs(roll) < MIN_ROLL_DEG:
+                out.append(gray[y0:y1, x0:x1])
+            else:
+                out.append(preprocess.upright_crop(gray, x0, y0, x1, y1, roll))
         return out
 
-    def classify(self, gray: np.ndarray, boxes: Sequence[Box], margin: float = 0.0) -> np.ndarray:
-        """Probabilities (n, 7) for the faces at `boxes` in a gray frame."""
-        return self.classify_crops(self.crops(gray, boxes, margin))
+    def classify(
+        self,
+        gray: np.ndarray,
+        boxes: Sequence[Box],
+        margin: float = 0.0,
+        rolls: Sequence[float | None] | None = None,
+    ) -> np.ndarray:
+        """Probabilities (n, 7) for the faces at `boxes` in a gray frame (turned upright by
+        `rolls` where given: see crops)."""
+        return self.classify_crops(self.crops(gray, boxes, margin, rolls))
 
     def classify_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         if not crops:

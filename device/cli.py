@@ -298,7 +298,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"serenbox classify: {e}", file=sys.stderr)
             status = EXIT_USAGE
             continue
-        faces = classify_photo(photo, classifier, detector, cfg.detector.margin)
+        faces = classify_photo(photo, classifier, detector, cfg.detector.margin, cfg.detector.align)
         print(json.dumps(result_line(photo, faces), separators=(",", ":")), flush=True)
         if not faces and detector is not None and not hinted and photo.looks_like_crop():
             # Once per run: a folder of 900 crops needs the hint once, not 900 times.

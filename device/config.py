@@ -87,6 +87,9 @@ class DetectorConfig:
     min_face: int = _f(40, **_range(8, 4096))  # pixels, shorter side of the face box
     max_faces: int = _f(5, **_range(1, 64))
     margin: float = _f(0.15, **_range(0, 1))  # crop margin around the box, fraction of its size
+    # Turn each face upright by its eye line before the emotion classifier sees it (faces with
+    # landmarks: blazeface's; haar's have none). Measured in bench_detectors: docs/model-card.md.
+    align: bool = True
     # haar only
     scale_factor: float = _f(1.1, **_range(1.01, 2.0))
     min_neighbors: int = _f(5, **_range(1, 50))

@@ -16,6 +16,7 @@ from serenbox.device import images
 from serenbox.device.classifier import Classifier, to_gray
 from serenbox.device.events import dominant, normalised_box, rounded_probabilities
 from serenbox.device.faces import FaceDetector
+from serenbox.device.faces.base import face_rolls
 
 # A photo no larger than this on its longest side, with no face found, is most likely a face crop
 # (FER2013's are 48×48): the detector needs context around a face and a face of detector.min_face.
@@ -99,16 +100,20 @@ def describe(probs: Sequence[float] | np.ndarray, box: Box, pixels: PixelBox) ->
 
 
 def classify_photo(
-    photo: Photo, classifier: Classifier, detector: FaceDetector | None, margin: float
+    photo: Photo, classifier: Classifier, detector: FaceDetector | None, margin: float, align: bool = True
 ) -> list[FaceEmotion]:
-    """The faces the detector finds, largest first; with no detector the whole photo is one face (a crop)."""
+    """The faces the detector finds, largest first; with no detector the whole photo is one face (a crop).
+
+    `align`: turn each face upright by its eye line before the crop, where the detector gives landmarks.
+    """
     gray = to_gray(photo.image)
     height, width = gray.shape[:2]
     if detector is None:
         (probs,) = classifier.classify_crops([gray])
         return [describe(probs, Box(0.0, 0.0, 1.0, 1.0), PixelBox(0, 0, photo.width, photo.height))]
-    boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in detector.detect(gray)]
-    probs = classifier.classify(gray, boxes, margin)
+    faces = detector.detect(gray)
+    boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
+    probs = classifier.classify(gray, boxes, margin, face_rolls(faces, align))
     return [
         describe(p, Box(**normalised_box(b, width, height)), _full_size_pixels(b, (width, height), photo))
         for b, p in zip(boxes, probs, strict=True)

@@ -28,6 +28,7 @@ from serenbox.device.classifier import Classifier, to_gray
 from serenbox.device.commands import SOURCE_MIN_FPS, validate_command
 from serenbox.device.config import Config
 from serenbox.device.events import EventFactory, normalised_box, rounded_probabilities
+from serenbox.device.faces.base import face_rolls
 from serenbox.device.labels import LABELS
 from serenbox.device.notify import Notifier
 from serenbox.device.sinks.base import Sink
@@ -207,7 +208,8 @@ class Pipeline:
         t1 = time.perf_counter()
         boxes = [(float(f.x), float(f.y), float(f.w), float(f.h)) for f in faces]
         self.faces_seen += len(boxes)
-        probs = self.classifier.classify(gray, boxes, self.cfg.detector.margin) if boxes else np.zeros((0, 7))
+        rolls = face_rolls(faces, self.cfg.detector.align)
+        probs = self.classifier.classify(gray, boxes, self.cfg.detector.margin, rolls) if boxes else np.zeros((0, 7))
         t2 = time.perf_counter()
         track_events = self.tracker.update([Detection(b, p) for b, p in zip(boxes, probs, strict=True)], frame.t)
         t3 = time.perf_counter()
@@ -222,7 +224,7 @@ class Pipeline:
         self._emit(track_events)
         self._maybe_state()
         if self.cfg.debug.save_crops and boxes:
-            self._save_crops(gray, boxes, frame.index)
+            self._save_crops(gray, boxes, rolls, frame.index)
 
     # --- between frames: commands, reload, watchdog, stats ---------------------------------------
 
@@ -423,12 +425,14 @@ class Pipeline:
             return f"camera unavailable, reopening ({getattr(self.source, 'camera_errors', 0)} camera errors)"
         return f"{self.fps():.1f} fps, {len(self.tracker.confirmed())} faces"
 
-    def _save_crops(self, gray: np.ndarray, boxes: list[tuple[float, float, float, float]], index: int) -> None:
-        """Debug only (debug.save_crops): crops as PNG, each written whole or not at all."""
+    def _save_crops(
+        self, gray: np.ndarray, boxes: list[tuple[float, float, float, float]], rolls: list[float | None], index: int
+    ) -> None:
+        """Debug only (debug.save_crops): the crops the classifier saw, as PNG, each written whole or not at all."""
         folder = Path(self.cfg.debug.dir or ".")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for i, crop in enumerate(self.classifier.crops(gray, boxes, self.cfg.detector.margin)):
+            for i, crop in enumerate(self.classifier.crops(gray, boxes, self.cfg.detector.margin, rolls)):
                 ok, png = cv2.imencode(".png", crop)
                 if not ok:
                     continue

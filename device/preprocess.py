@@ -25,6 +25,17 @@ def resize_face(gray: np.ndarray, height: int, width: int) -> np.ndarray:
     return face
 
 
+def upright_crop(gray: np.ndarray, x0: int, y0: int, x1: int, y1: int, roll: float) -> np.ndarray:
+    """The crop (x0, y0)–(x1, y1) of a gray frame with the picture turned `roll` degrees
+    anticlockwise about the crop's centre first, so that a face leaning by `roll` comes out
+    upright (faces.Face.roll). Only the crop's pixels are computed, not the whole frame's;
+    what would come from outside the frame repeats its edge, as a clipped crop would end there."""
+    centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+    m = cv2.getRotationMatrix2D(centre, roll, 1.0)
+    m[:, 2] -= (x0, y0)
+    return cv2.warpAffine(gray, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 def quantize(pixels: np.ndarray, scale: float, zero_point: int, dtype: type | np.dtype) -> np.ndarray:
     """Float pixels (0..255) → integer tensor values: round(x / scale) + zero_point, clipped to the dtype."""
     info = np.iinfo(dtype)

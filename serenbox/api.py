@@ -44,7 +44,7 @@ class _Models:
                 if self.detector is None:
                     self.detector = build_detector(self.cfg.detector)
                 detector = self.detector
-            faces = classify_photo(photo, self.classifier, detector, self.cfg.detector.margin)
+            faces = classify_photo(photo, self.classifier, detector, self.cfg.detector.margin, self.cfg.detector.align)
         if not faces and not crop and photo.looks_like_crop():
             warnings.warn(
                 f"no face found in a {photo.width}×{photo.height} image; for already-cropped faces pass crop=True",

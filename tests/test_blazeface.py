@@ -60,8 +60,8 @@ def test_models_ship_with_their_provenance() -> None:
 def test_finds_the_astronaut_in_the_original_photo(detector: BlazeFaceDetector) -> None:
     faces = detector.detect(gray(media.astronaut_bgr()))
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.FACE_IN_PHOTO) > 0.6
-    assert all(isinstance(v, int) for v in faces[0])
+    assert iou(faces[0].box, media.FACE_IN_PHOTO) > 0.6
+    assert all(isinstance(v, int) for v in faces[0].box)
     assert detector.last[0].score > 0.7
 
 
@@ -75,7 +75,7 @@ def test_box_and_eye_line_follow_a_scaled_and_rolled_face(
     faces = detector.detect(gray(astronaut_in_frame(scale, angle, centre)))
     size = media.FACE_IN_PHOTO[3] * scale
     assert len(faces) == 1
-    x, y, w, h = faces[0]
+    x, y, w, h = faces[0].box
     assert math.hypot(x + w / 2 - centre[0], y + h / 2 - centre[1]) < 0.25 * size
     assert 0.75 < h / size < 1.35
     if detector.cfg.blazeface_model == "full" and scale < 1:
@@ -108,7 +108,7 @@ def test_odd_frame_sizes_keep_boxes_in_frame_pixels(detector: BlazeFaceDetector)
     image = media.scene([(40, 30, 160)], width=300, height=250)
     faces = detector.detect(gray(image))
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.face_in_head(40, 30, 160)) > 0.5
+    assert iou(faces[0].box, media.face_in_head(40, 30, 160)) > 0.5
 
 
 def test_frames_of_many_sizes_keep_few_interpreters() -> None:
@@ -118,7 +118,7 @@ def test_frames_of_many_sizes_keep_few_interpreters() -> None:
     for width in range(200, 1000, 50):
         image = gray(media.scene([(20, 20, 170)], width=width, height=240))
         faces = detector.detect(image)
-        assert len(faces) == 1 and iou(tuple(faces[0]), media.face_in_head(20, 20, 170)) > 0.5
+        assert len(faces) == 1 and iou(faces[0].box, media.face_in_head(20, 20, 170)) > 0.5
         assert len(detector._interpreters) <= MAX_INTERPRETERS
 
 
@@ -150,7 +150,7 @@ def test_full_range_tiles_the_frame_for_small_faces() -> None:
     image = gray(media.scene([(300, 200, 60)]))
     faces = fine.detect(image)
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.face_in_head(300, 200, 60)) > 0.5
+    assert iou(faces[0].box, media.face_in_head(300, 200, 60)) > 0.5
 
 
 @pytest.mark.parametrize("name", ["short", "full"])

@@ -46,15 +46,15 @@ def detector(kind: str) -> FaceDetector:
 def test_finds_the_astronaut_in_the_original_photo(detector: FaceDetector) -> None:
     faces = detector.detect(gray(media.astronaut_bgr()))
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.FACE_IN_PHOTO) > 0.6
-    assert all(isinstance(v, int) for v in faces[0])
+    assert iou(faces[0].box, media.FACE_IN_PHOTO) > 0.6
+    assert all(isinstance(v, int) for v in faces[0].box)
 
 
 @pytest.mark.parametrize(("x", "y", "size"), [(30, 40, 90), (300, 200, 200), (420, 10, 150)])
 def test_face_box_is_where_the_face_was_pasted(detector: FaceDetector, x: int, y: int, size: int) -> None:
     faces = detector.detect(gray(media.scene([(x, y, size)])))
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.face_in_head(x, y, size)) > 0.5
+    assert iou(faces[0].box, media.face_in_head(x, y, size)) > 0.5
 
 
 def test_accepts_a_bgr_frame_too(detector: FaceDetector) -> None:
@@ -75,7 +75,7 @@ def test_min_face_drops_smaller_faces(kind: str) -> None:
     big_only = build_detector(DetectorConfig(kind=kind, min_face=100)).detect(image)
     assert len(big_only) == 1
     assert big_only[0].w >= 100
-    assert iou(tuple(big_only[0]), media.face_in_head(20, 20, 250)) > 0.5
+    assert iou(big_only[0].box, media.face_in_head(20, 20, 250)) > 0.5
     assert build_detector(DetectorConfig(kind=kind, min_face=200)).detect(image) == []
 
 
@@ -88,7 +88,7 @@ def test_max_faces_keeps_the_largest_first(kind: str) -> None:
     assert areas == sorted(areas, reverse=True)
     # Largest first: the 250 head, then 180, then 130.
     for face, (x, y, size) in zip(every, sorted(heads, key=lambda h: -h[2]), strict=True):
-        assert iou(tuple(face), media.face_in_head(x, y, size)) > 0.5
+        assert iou(face.box, media.face_in_head(x, y, size)) > 0.5
 
     two = build_detector(DetectorConfig(kind=kind, min_face=30, max_faces=2)).detect(image)
     assert two == every[:2]
@@ -102,7 +102,7 @@ def test_detection_on_a_downscaled_search_matches_full_resolution(kind: str) -> 
     coarse = build_detector(DetectorConfig(kind=kind, min_face=120))
     faces = coarse.detect(image)
     assert len(faces) == 1
-    assert iou(tuple(faces[0]), media.face_in_head(150, 60, 300)) > 0.5
+    assert iou(faces[0].box, media.face_in_head(150, 60, 300)) > 0.5
 
 
 def test_haar_searches_a_downscaled_frame_for_large_faces() -> None:

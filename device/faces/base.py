@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -15,17 +17,38 @@ class DetectorError(ConfigError):
     A ConfigError, so the command line reports it as one line naming `detector.*`."""
 
 
+Point = tuple[float, float]
+
+
 class Face(NamedTuple):
-    """A face box in pixels of the frame it was found in."""
+    """A face box in pixels of the frame it was found in, with landmarks where the detector
+    gives them (BlazeFace: the subject's right eye, left eye, nose tip, mouth centre, right ear
+    tragion, left ear tragion, as (x, y); Haar: none)."""
 
     x: int
     y: int
     w: int
     h: int
+    landmarks: tuple[Point, ...] | None = None
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.x, self.y, self.w, self.h
 
     @property
     def area(self) -> int:
         return self.w * self.h
+
+    @property
+    def roll(self) -> float | None:
+        """How far the face is turned in the picture's plane, in degrees, from its eye line:
+        positive when it leans clockwise as seen (its left eye, on the image's right, lower).
+        Turning the picture anticlockwise by this much (OpenCV's sense of a positive angle)
+        levels the eyes. None without landmarks."""
+        if self.landmarks is None:
+            return None
+        (rx, ry), (lx, ly) = self.landmarks[0], self.landmarks[1]
+        return math.degrees(math.atan2(ly - ry, lx - rx))
 
 
 class FaceDetector(ABC):
@@ -33,6 +56,12 @@ class FaceDetector(ABC):
 
     @abstractmethod
     def detect(self, gray: np.ndarray) -> list[Face]: ...
+
+
+def face_rolls(faces: Sequence[Face], align: bool) -> list[float | None]:
+    """Per face, how far to turn it upright before it is classified (detector.align): its eye
+    line's lean where the detector gave landmarks, else None (cropped as it is)."""
+    return [getattr(f, "roll", None) if align else None for f in faces]
 
 
 def largest(faces: list[Face], min_face: int, max_faces: int) -> list[Face]:

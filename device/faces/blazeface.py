@@ -34,6 +34,8 @@ VERIFY_CONTEXT = 2.5
 CONFIDENT = 0.8
 MAX_INTERPRETERS = 6  # input sizes kept loaded (a camera needs two, plus the native one)
 STRIDE = 16  # the coarsest feature map's stride: a resized input must be a multiple of it
+# Gray level → model input in [-1, 1], looked up rather than computed per pixel.
+_TO_INPUT = (np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -199,43 +201,55 @@ class BlazeFaceDetector(FaceDetector):
 
     # --- running the model --------------------------------------------------------------------
 
-    def _infer(self, gray: np.ndarray, step: Pass) -> list[Detection]:
-        """Detections of one pass, in frame pixels."""
+    def _infer(
+        self, gray: np.ndarray, step: Pass, shrunk: np.ndarray | None = None
+    ) -> tuple[list[Detection], np.ndarray]:
+        """Detections of one pass, in frame pixels, and the window as it was shrunk for the model.
+
+        `shrunk`: the same window already shrunk by an earlier pass; a smaller pass shrinks that
+        rather than the whole frame again (a tenth of the pixels to average for the big-face pass).
+        """
         interpreter, input_index, boxes_index, logits_index, centres = self._interpreter(step.input_hw)
         x0, y0, w, h = step.window
         in_h, in_w = step.input_hw
         scale = min(in_w / w, in_h / h)
         sw, sh = min(in_w, max(1, round(w * scale))), min(in_h, max(1, round(h * scale)))
-        window = gray[y0 : y0 + h, x0 : x0 + w]
-        small = cv2.resize(window, (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        source = shrunk if shrunk is not None and shrunk.shape[1] >= sw else gray[y0 : y0 + h, x0 : x0 + w]
+        shrink = source.shape[1] > sw
+        small = cv2.resize(source, (sw, sh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         # Letterboxed (MediaPipe pads evenly); 0 is mid-gray once pixels are mapped to [-1, 1].
         px, py = (in_w - sw) // 2, (in_h - sh) // 2
-        tensor = np.zeros((1, in_h, in_w, 3), np.float32)
-        # The gray frame on all three channels (shrunk first: a third of the resizing work).
-        tensor[0, py : py + sh, px : px + sw] = (small * np.float32(2.0 / 255.0) - np.float32(1.0))[..., None]
-        interpreter.set_tensor(input_index, tensor)
+        # Written straight into the interpreter's input buffer: no frame-sized array is allocated,
+        # filled and copied per pass. The view must be gone before invoke(), which refuses to run
+        # while numpy holds its memory.
+        tensor = interpreter.tensor(input_index)()
+        if (sw, sh) != (in_w, in_h):
+            tensor.fill(0.0)
+        # The gray frame on all three channels, through a 256-entry table (shrunk first: a third
+        # of the resizing work).
+        tensor[0, py : py + sh, px : px + sw] = _TO_INPUT[small][..., None]
+        del tensor
         interpreter.invoke()
-        logits = interpreter.get_tensor(logits_index)[0, :, 0]
+        logits = interpreter.tensor(logits_index)()[0, :, 0]
         keep = np.flatnonzero(logits > self._logit_threshold)
         if keep.size == 0:
-            return []
-        raw = interpreter.get_tensor(boxes_index)[0, keep]
+            return [], small
+        raw = interpreter.tensor(boxes_index)()[0, keep]  # fancy indexing: a copy, not a view
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep], -100, 100)))
+        del logits
         offset = np.array([x0 - px / scale, y0 - py / scale], np.float32)
         centre = (raw[:, 0:2] + centres[keep]) / scale + offset
         half = raw[:, 2:4] / (2 * scale)
         marks = (raw[:, 4:16].reshape(-1, 6, 2) + centres[keep][:, None, :]) / scale + offset
-        return [
-            Detection(*(centre[i] - half[i]), *(centre[i] + half[i]), float(scores[i]), marks[i])
-            for i in range(len(keep))
-        ]
+        corners = np.concatenate([centre - half, centre + half], axis=1).tolist()
+        return [Detection(*corners[i], float(scores[i]), marks[i]) for i in range(len(keep))], small
 
     def _verified(self, gray: np.ndarray, d: Detection) -> bool:
         """A second look at a candidate, centred and at the model's native scale, where a real
         face scores high and most textures that fooled the whole-frame pass do not."""
         height, width = gray.shape[:2]
         window = _window_around(d, width, height, VERIFY_CONTEXT)
-        again = self._infer(gray, Pass(window, (self.spec.size, self.spec.size)))
+        again, _ = self._infer(gray, Pass(window, (self.spec.size, self.spec.size)))
         if not again:
             return False
         box = np.array([d.x0, d.y0, d.x1, d.y1], np.float32)
@@ -250,19 +264,34 @@ class BlazeFaceDetector(FaceDetector):
             gray = cv2.cvtColor(gray, cv2.COLOR_BGR2GRAY)
         height, width = gray.shape[:2]
         found: list[Detection] = []
+        whole, shrunk = (0, 0, width, height), None
         for step in self.passes(width, height):
-            found.extend(self._infer(gray, step))
+            detections, small = self._infer(gray, step, shrunk if step.window == whole else None)
+            found.extend(detections)
+            shrunk = small if step.window == whole else shrunk
         merged = weighted_nms(found, self.cfg.nms_iou)
-        if self.spec.verify and self.cfg.verify_threshold > 0:
-            merged = [d for d in merged if d.score >= CONFIDENT or self._verified(gray, d)]
-        pairs: dict[Face, Detection] = {}
+        # One candidate per box (two clusters can round to the same box).
+        candidates: dict[tuple[int, int, int, int], tuple[Face, Detection]] = {}
         for d in merged:
             x0, y0 = max(0.0, d.x0), max(0.0, d.y0)
             x1, y1 = min(float(width), d.x1), min(float(height), d.y1)
             if x1 - x0 >= 1 and y1 - y0 >= 1:
-                pairs.setdefault(Face(round(x0), round(y0), round(x1 - x0), round(y1 - y0)), d)
-        kept = largest(list(pairs), self.cfg.min_face, self.cfg.max_faces)
-        self.last = [pairs[f] for f in kept]
+                marks = tuple((float(x), float(y)) for x, y in d.landmarks)
+                face = Face(round(x0), round(y0), round(x1 - x0), round(y1 - y0), marks)
+                candidates.setdefault(face.box, (face, d))
+        # The contract's filter comes before the second look, so that no look is spent on a
+        # candidate too small to be kept, nor on more faces than max_faces.
+        verify = self.spec.verify and self.cfg.verify_threshold > 0
+        kept: list[Face] = []
+        self.last = []
+        for face in largest([f for f, _ in candidates.values()], self.cfg.min_face, len(candidates)):
+            d = candidates[face.box][1]
+            if verify and d.score < CONFIDENT and not self._verified(gray, d):
+                continue
+            kept.append(face)
+            self.last.append(d)
+            if len(kept) == self.cfg.max_faces:
+                break
         return kept
 
 
