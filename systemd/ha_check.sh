@@ -79,7 +79,8 @@ host_state() { # what the check must leave as it found it, one line per item
     for f in "${HOST_FILES[@]}"; do
         [[ -e $f ]] && echo "file $f $(sha256sum <"$f" | cut -c1-16)"
     done
-    find /sys/fs/cgroup -mindepth 1 -type d -printf 'cgroup %p\n' 2>/dev/null | sort
+    # nspawn's cgroups (payload, supervisor); other cgroups come and go with the host's other work.
+    find /sys/fs/cgroup -mindepth 1 -type d \( -name payload -o -name supervisor \) -printf 'cgroup %p\n' 2>/dev/null | sort
     grep -F "$CACHE" /proc/self/mountinfo | sed 's/^/mount /' || true
     pgrep -a -f "systemd-nspawn .*$MACHINE" | sed 's/^/process /' || true
     pgrep -a -f "$CACHE/run\." | sed 's/^/process /' || true
@@ -88,7 +89,7 @@ host_state() { # what the check must leave as it found it, one line per item
 remove_new_cgroups() { # nspawn's payload cgroups, if it left any (deepest first; only empty ones)
     [[ -n ${CGROUPS_BEFORE:-} && -f $CGROUPS_BEFORE ]] || return 0
     local dir
-    find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort -r | while read -r dir; do
+    find /sys/fs/cgroup -mindepth 1 -type d \( -name payload -o -name supervisor \) 2>/dev/null | sort -r | while read -r dir; do
         grep -qxF "$dir" "$CGROUPS_BEFORE" || rmdir "$dir" 2>/dev/null || true
     done
 }
@@ -119,7 +120,7 @@ trap 'exit 130' INT TERM
 HOST_BEFORE=$(mktemp)
 CGROUPS_BEFORE=$(mktemp)
 host_state >"$HOST_BEFORE"
-find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$CGROUPS_BEFORE"
+find /sys/fs/cgroup -mindepth 1 -type d \( -name payload -o -name supervisor \) 2>/dev/null | sort >"$CGROUPS_BEFORE"
 
 # --- the cached root, wheels and Home Assistant venv -------------------------------------------
 
@@ -173,7 +174,7 @@ build_venv() {
         in_root online --bind-ro="$ca:/etc/ha-check-ca.crt" \
             --setenv=PIP_CERT=/etc/ha-check-ca.crt --bind="$WHEELS:/wheels" --bind="$VENV.partial:/opt/ha" sh -ec "
             python3 -m venv /opt/ha
-            /opt/ha/bin/pip --disable-pip-version-check -q wheel -w /wheels $HA_REQUIREMENTS
+            /opt/ha/bin/pip --disable-pip-version-check --no-cache-dir -q wheel -w /wheels $HA_REQUIREMENTS
         " >"$CACHE/pip-download.log" 2>&1 || die "pip download failed (log: $CACHE/pip-download.log)"
         touch "$WHEELS/.complete"
         say "wheels downloaded in $((SECONDS - t0)) s ($(du -sh "$WHEELS" | cut -f1))"
@@ -206,6 +207,8 @@ RUN=$(mktemp -d "$CACHE/run.XXXXXX")
 status=0
 PYTHONPATH=$SRC "$PYTHON" -m tests.ha.check --root "$ROOT_CACHE" --venv "$VENV" --machine "$MACHINE" \
     --workdir "$RUN" || status=$?
+# Home Assistant's log, kept for a look after the run is gone.
+cp "$RUN/ha-config/home-assistant.log" "$CACHE/last-home-assistant.log" 2>/dev/null || true
 ((status <= 1)) || die "the check driver failed (exit $status)"
 
 teardown

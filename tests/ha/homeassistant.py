@@ -169,7 +169,9 @@ class HomeAssistant:
     # --- logs and shutdown -------------------------------------------------------------------
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """The whole log: Home Assistant moves the last start's log to `.1` when it starts again."""
+        parts = (self.log_path.with_name(self.log_path.name + ".1"), self.log_path)
+        return "".join(p.read_text(errors="replace") for p in parts if p.exists())
 
     def tail(self, lines: int = 15) -> str:
         console = self.config_dir.parent / "nspawn-console.log"
