@@ -234,7 +234,7 @@ class Scenario:
             entries = [e for e in self.ha.ws("config/entity_registry/list") if e.get("device_id") == self.device_id]
             return entries if len(entries) >= len(want) else []
 
-        entries = wait_until(ours, WAIT_S, f"{len(want)} entities on the device")
+        entries = wait_until(ours, WAIT_S, f"{len(want)} entities on the device (see the log check)")
         got = {e["unique_id"]: e for e in entries}
         assert set(got) == set(want), f"unique ids differ: missing {set(want) - set(got)}, extra {set(got) - set(want)}"
         for uid, (cid, platform) in want.items():
@@ -248,6 +248,7 @@ class Scenario:
     # --- live states -------------------------------------------------------------------------
 
     def _state(self, cid: str) -> dict[str, Any]:
+        assert cid in self.entities, f"no entity for component {cid!r} in HA's registry"
         state = self.ha.state(self.entities[cid])
         assert state is not None, f"{self.entities[cid]} has no state"
         return state
@@ -350,6 +351,7 @@ class Scenario:
         return first, self._frames()
 
     def pause(self) -> str:
+        assert "paused" in self.entities, "no switch in HA's registry"
         self.ha.post("/api/services/switch/turn_on", {"entity_id": self.entities["paused"]})
         wait_until(lambda: self._retained_state().get("paused") is True, WAIT_S, "state.paused true from the box")
         wait_until(lambda: self._state("paused")["state"] == "on", WAIT_S, "the switch on in HA")
@@ -358,6 +360,7 @@ class Scenario:
         return f"state.paused true, switch on, frames stayed at {a} over 3 s"
 
     def resume(self) -> str:
+        assert "paused" in self.entities, "no switch in HA's registry"
         self.ha.post("/api/services/switch/turn_off", {"entity_id": self.entities["paused"]})
         wait_until(lambda: self._retained_state().get("paused") is False, WAIT_S, "state.paused false from the box")
         wait_until(lambda: self._state("paused")["state"] == "off", WAIT_S, "the switch off in HA")
@@ -399,6 +402,8 @@ class Scenario:
 
         code = box.finish(signal.SIGTERM)
         assert code == 0, f"serenbox exited {code}"
+
+        assert len(self.entities) == len(self.expected["cmps"]), f"only {len(self.entities)} entities to watch"
 
         def all_down() -> bool:
             return all(self._state(cid)["state"] == "unavailable" for cid in self.entities)
