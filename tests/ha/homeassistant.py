@@ -11,7 +11,9 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -51,16 +53,37 @@ logger:
 """
 
 
+class PortTaken(RuntimeError):
+    """Another process took the HTTP port between choosing it and Home Assistant binding it."""
+
+
+def http_port() -> int:
+    """A free port below the kernel's ephemeral range, where no outgoing connection can take it
+    while Home Assistant starts (seconds later)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, min(low, 32768)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for Home Assistant's HTTP server")
+
+
 class HomeAssistant:
     """`hass --skip-pip` in `root` (read-only) with `venv` at /opt/ha and `config_dir` at /config."""
 
     def __init__(self, root: Path, venv: Path, config_dir: Path, port: int, machine: str) -> None:
         self.root, self.venv, self.config_dir, self.port, self.machine = root, venv, config_dir, port, machine
-        self.base = f"http://{HOST}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -89,11 +112,15 @@ class HomeAssistant:
         console.close()
 
     def wait_ready(self, timeout: float) -> float:
-        """Seconds until the onboarding API answers; RuntimeError if HA exits or times out."""
+        """Seconds until the onboarding API answers; PortTaken if another process bound the port
+        first, RuntimeError if HA exits or times out."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"Home Assistant exited at start: {self.tail()}")
+            current = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            if "Failed to create HTTP server" in current:
+                raise PortTaken(f"Home Assistant could not bind {HOST}:{self.port}: {self.tail(1)}")
             try:
                 if requests.get(f"{self.base}/api/onboarding", timeout=5).status_code == 200:
                     return time.monotonic() - t0
