@@ -207,8 +207,10 @@ RUN=$(mktemp -d "$CACHE/run.XXXXXX")
 status=0
 PYTHONPATH=$SRC "$PYTHON" -m tests.ha.check --root "$ROOT_CACHE" --venv "$VENV" --machine "$MACHINE" \
     --workdir "$RUN" || status=$?
-# Home Assistant's log, kept for a look after the run is gone.
-cp "$RUN/ha-config/home-assistant.log" "$CACHE/last-home-assistant.log" 2>/dev/null || true
+# Home Assistant's log (.1: its first start, before the restart check), kept after the run is gone.
+for log in home-assistant.log home-assistant.log.1; do
+    cp "$RUN/ha-config/$log" "$CACHE/last-$log" 2>/dev/null || true
+done
 ((status <= 1)) || die "the check driver failed (exit $status)"
 
 teardown
