@@ -1,8 +1,9 @@
 """SerenBox's MQTT discovery read by Home Assistant itself; run by systemd/ha_check.sh (as root).
 
 A mosquitto with docs/mqtt.md's access list, Home Assistant (see homeassistant.py) logged in as
-`controller`, and the real `serenbox run` as `serenbox` on a clip whose face turns happy then sad
-(the brightness model: its emotion follows the face's brightness, so the clip fixes the answer).
+`controller`, and the real `serenbox run` as `serenbox` on a clip whose face turns happy, then sad,
+then leaves (the brightness model: its emotion follows the face's brightness, so the clip fixes
+the answer).
 Each check prints `ok` or `FAIL` with what it saw; the exit status is 1 when any failed.
 
     python -m tests.ha.check --root ROOT --venv VENV --workdir DIR [--machine NAME]
@@ -139,16 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         config_path = prepare_box(work, broker)
         cfg = load(config_path)
         expected = ha_discovery.payload(cfg)
-        if not checks.run("Home Assistant answers", lambda: start(ha)):
-            return 1
-        if not checks.run("owner onboarded (REST)", lambda: (ha.onboard(), "access token issued")[1]):
-            return 1
         scenario = Scenario(ha, broker, watch, announces, cfg, expected)
-        if not checks.run("MQTT set up by config flow", scenario.mqtt_config_flow):
-            return 1
-        box = Daemon(config_path)
-        for name, fn in scenario.steps(box, config_path):
-            checks.run(name, fn)
+        # The rest needs all three.
+        if (
+            checks.run("Home Assistant answers", lambda: start(ha))
+            and checks.run("HA on 127.0.0.1, own network namespace", lambda: local_only(ha))
+            and checks.run("owner onboarded (REST)", lambda: (ha.onboard(), "access token issued")[1])
+            and checks.run("MQTT set up by config flow", scenario.mqtt_config_flow)
+        ):
+            box = Daemon(config_path)
+            for name, fn in scenario.steps(box, config_path):
+                checks.run(name, fn)
     finally:
         if box is not None:
             box.finish(kill=box.proc.poll() is None)
@@ -174,6 +176,18 @@ def start(ha: HomeAssistant, tries: int = 3) -> str:
                 raise
             ha.port = http_port()
     raise AssertionError("unreachable")
+
+
+def local_only(ha: HomeAssistant) -> str:
+    """HTTP on 127.0.0.1 only, and nothing else of Home Assistant's on the host's network: the
+    check runs in a network namespace of its own (ha_check.sh), where only loopback exists."""
+    found = ha.sockets()
+    tcp = [addr for proto, addr in found if proto == "tcp"]
+    assert tcp == [f"127.0.0.1:{ha.port}"], f"TCP listeners {tcp}, want only 127.0.0.1:{ha.port}"
+    interfaces = ha.interfaces()
+    assert interfaces == ["lo"], f"Home Assistant sees interfaces {interfaces}: not the check's own namespace"
+    udp = [addr for proto, addr in found if proto == "udp"]
+    return f"TCP {tcp}, UDP {udp}; interfaces {interfaces}"
 
 
 def ha_version(ha: HomeAssistant) -> str:

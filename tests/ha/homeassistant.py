@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -192,6 +193,24 @@ class HomeAssistant:
                 if not msg.get("success"):
                     raise RuntimeError(f"{command} failed: {msg.get('error')}")
                 return msg["result"]
+
+    def sockets(self) -> list[tuple[str, str]]:
+        """(protocol, local address) of every socket Home Assistant's processes listen on, from `ss`."""
+        assert self.proc is not None
+        pids = {str(p) for p in descendants(self.proc.pid)}
+        out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True, timeout=30, check=True).stdout
+        return [
+            (line.split()[0], line.split()[4])
+            for line in out.splitlines()
+            if set(re.findall(r"pid=(\d+),", line)) & pids
+        ]
+
+    def interfaces(self) -> list[str]:
+        """The network interfaces Home Assistant sees (its network namespace's)."""
+        assert self.proc is not None
+        pid = descendants(self.proc.pid)[-1]
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+        return [line.split(":")[0].strip() for line in lines]
 
     # --- logs and shutdown -------------------------------------------------------------------
 
