@@ -14,7 +14,9 @@ is also reported against FER+'s official majority labels (7 classes; training/fe
 accuracy, per-class recall and the confusion matrix, next to FER2013's. Calibration (expected
 calibration error, 15 bins, and a reliability plot; training/calibration.py) is given against
 both label sets. `--fit-temperature` fits a temperature on PublicTest (FER+ majority labels when
-present) and reports the split again with it; `--temperature T` applies a given one.
+present) and reports the split again with it; `--temperature T` applies a given one. An int8
+model is read through the device's classifier, so its manifest's own `output.temperature` is
+already applied: a fitted T is then relative to it.
 """
 
 from __future__ import annotations
