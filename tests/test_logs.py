@@ -135,7 +135,9 @@ def test_the_tflite_delegate_line_stays_out_of_the_log(photo: Path, tmp_path: Pa
 def test_the_tflite_delegate_line_is_a_debug_record_when_debugging(photo: Path, tmp_path: Path) -> None:
     _, stderr = classify(photo, tmp_path, "DEBUG", journal=True)
     lines = [line for line in stderr.splitlines() if "XNNPACK" in line]
-    assert lines == ["<7>DEBUG serenbox.device.interpreter: tflite: INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+    assert lines == [
+        "<7>DEBUG serenbox.device.interpreter: tflite: INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    ]
     # Nothing reaches the journal without its priority.
     assert all(line.startswith("<") for line in stderr.splitlines())
 
