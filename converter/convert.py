@@ -5,7 +5,8 @@
 
 Steps: check the model contract, calibrate on a class-stratified Training sample, convert
 with int8 builtins only, check every op is integer, then run the float and the int8 model
-side by side on a held-out split (the proof). OUT.tflite and its manifest OUT.json appear
+side by side on a held-out split (the proof; with --ferplus also on FER+'s majority labels,
+reported but not gated). OUT.tflite and its manifest OUT.json appear
 only when all of it succeeded; the proof's report (OUT.report.json) is written either way.
 Exit codes: 0 done, 1 the int8 model lost more than --max-drop accuracy points, 2 bad input.
 """
@@ -44,6 +45,7 @@ from serenbox.device.manifest import (
     utc_now,
     write_manifest,
 )
+from serenbox.training import ferplus as ferplus_votes
 from serenbox.training.fer2013 import SPLITS, DatasetError, load
 from serenbox.training.report import write_json_atomic
 
@@ -154,7 +156,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _manifest_for(tflite: Path, name: str, io: str, info: Any, source: Path, calibration: dict) -> Manifest:
+def _manifest_for(
+    tflite: Path, name: str, io: str, info: Any, source: Path, calibration: dict, temperature: float = 1.0
+) -> Manifest:
     from serenbox.device.interpreter import load_interpreter
 
     interpreter = load_interpreter(str(tflite), num_threads=1)
@@ -175,6 +179,7 @@ def _manifest_for(tflite: Path, name: str, io: str, info: Any, source: Path, cal
             scale=float(out["quantization"][0]),
             zero_point=int(out["quantization"][1]),
             activation=info.activation,
+            temperature=temperature,
         ),
         labels=LABELS,
         source_model={"file": source.name, "sha256": sha256_of(source)},
@@ -196,6 +201,8 @@ def convert(
     threads: int = 1,
     report_path: str | Path | None = None,
     log: Callable[[str], None] = lambda line: None,
+    ferplus: str | Path | None = None,
+    temperature: float = 1.0,
 ) -> ConvertResult:
     """Convert, verify and prove; raise ConvertError (bad input) or ProofFailed (accuracy lost)."""
     model_path, data, out = Path(model_path), Path(data), Path(out_path)
@@ -203,8 +210,14 @@ def convert(
     _check_arguments(model_path, data, out, io, calibration_size, proof_split, threads, report_file)
     started = time.perf_counter()
 
+    if not 0.05 <= temperature <= 20:
+        raise ConvertError(f"--temperature must be between 0.05 and 20, got {temperature:g}")
+    if ferplus is not None and not Path(ferplus).is_file():
+        raise ConvertError(f"{ferplus}: FER+ votes file does not exist (ferplus.npz)")
     try:
         dataset = load(data)
+        if ferplus is not None:
+            dataset = ferplus_votes.attach(dataset, ferplus)
         train = dataset.require("Training")
         held = dataset.require(proof_split)
     except DatasetError as e:
@@ -250,7 +263,8 @@ def convert(
         log(f"converted in {conversion_s:.1f} s: {len(ops)} ops, all integer; proving on {proof_split} ...")
 
         t0 = time.perf_counter()
-        proof = prove(model, info, tmp, held.images, held.labels, threads)
+        fp_labels = ferplus_votes.majority(held.votes)[1] if held.votes is not None else None
+        proof = prove(model, info, tmp, held.images, held.labels, threads, fp_labels)
         proof_s = time.perf_counter() - t0
         passed = proof["accuracy_drop_points"] <= max_drop
         report = {
@@ -260,6 +274,7 @@ def convert(
             "tflite_sha256": sha256_of(tmp),
             "written": passed,
             "data": str(data),
+            "ferplus": str(ferplus) if ferplus is not None else None,
             "split": proof_split,
             "io": io,
             "input": {"height": info.height, "width": info.width, "channels": info.channels},
@@ -287,7 +302,7 @@ def convert(
                 report,
                 report_file,
             )
-        manifest = _manifest_for(tmp, out.name, io, info, model_path, calibration)
+        manifest = _manifest_for(tmp, out.name, io, info, model_path, calibration, temperature)
         os.replace(tmp, out)
         try:
             write_manifest(manifest, manifest_path(out))
@@ -333,6 +348,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--threads", type=int, default=1, help="interpreter threads for the proof (1, like the device)")
     p.add_argument("--report", type=Path, default=None, help="proof report JSON (default OUT.report.json)")
+    p.add_argument(
+        "--ferplus", type=Path, default=None, help="FER+ votes (ferplus.npz): add FER+ agreement to the proof"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="calibration temperature for the manifest (training/evaluate.py --fit-temperature on PublicTest)",
+    )
     p.add_argument("--verbose", action="store_true", help="show TensorFlow's own log output")
     return p.parse_args(argv)
 
@@ -347,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         threads=args.threads,
         report_path=args.report,
+        ferplus=args.ferplus,
+        temperature=args.temperature,
         log=lambda line: print(line, flush=True),
     )
     fd, log_name = tempfile.mkstemp(prefix="serenbox-convert-", suffix=".log")

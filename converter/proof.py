@@ -80,8 +80,11 @@ def prove(
     images48: np.ndarray,
     labels: np.ndarray,
     threads: int = 1,
+    ferplus_labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, agreement, probability difference, per-class recall and latency of both models."""
+    """Accuracy, agreement, probability difference, per-class recall and latency of both models.
+    `ferplus_labels` (FER+ official majority class per image, -1 where the rule drops it) adds
+    both models' accuracy and their agreement on FER+'s images."""
     pixels = model_input(images48, info)
     float_scores = np.asarray(model.predict(pixels, verbose=0, batch_size=64), dtype=np.float64)
     int8_scores, int8_seconds = run_int8(tflite_path, pixels, threads)
@@ -94,6 +97,18 @@ def prove(
     float_report = classification_report(labels, float_pred)
     int8_report = classification_report(labels, int8_pred)
     delta = np.abs(float_probs - int8_probs)
+    extra = {}
+    if ferplus_labels is not None:
+        keep = ferplus_labels >= 0
+        f_fp = classification_report(ferplus_labels[keep], float_pred[keep])
+        q_fp = classification_report(ferplus_labels[keep], int8_pred[keep])
+        extra["ferplus"] = {
+            "n": int(keep.sum()),
+            "float": {"accuracy": f_fp["accuracy"], "report": f_fp},
+            "int8": {"accuracy": q_fp["accuracy"], "report": q_fp},
+            "agreement": float((float_pred[keep] == int8_pred[keep]).mean()) if keep.any() else 0.0,
+            "accuracy_drop_points": (f_fp["accuracy"] - q_fp["accuracy"]) * 100,
+        }
     return {
         "n": len(labels),
         "threads": threads,
@@ -117,6 +132,7 @@ def prove(
         "mean_abs_prob_diff": float(delta.mean()),
         "max_abs_prob_diff": float(delta.max()),
         "accuracy_drop_points": (float_report["accuracy"] - int8_report["accuracy"]) * 100,
+        **extra,
     }
 
 
@@ -143,6 +159,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'latency median':<26}{f['latency']['median_ms']:>9.2f} ms{q['latency']['median_ms']:>9.2f} ms",
         f"{'latency p95':<26}{f['latency']['p95_ms']:>9.2f} ms{q['latency']['p95_ms']:>9.2f} ms",
         f"{'  (images timed)':<26}{f['latency']['n']:>12}{q['latency']['n']:>12}",
+        *(
+            [
+                f"{'FER+ accuracy (n=' + str(p['ferplus']['n']) + ')':<26}"
+                f"{p['ferplus']['float']['accuracy'] * 100:>11.2f}%{p['ferplus']['int8']['accuracy'] * 100:>11.2f}%",
+                f"FER+ top-1 agreement {p['ferplus']['agreement'] * 100:.2f}% (FER+ official majority, 7 classes)",
+            ]
+            if "ferplus" in p
+            else []
+        ),
         f"top-1 agreement {p['agreement'] * 100:.2f}%   mean |Δp| {p['mean_abs_prob_diff']:.4f}   "
         f"max |Δp| {p['max_abs_prob_diff']:.3f}",
         f"accuracy drop {p['accuracy_drop_points']:.2f} points (allowed {report['max_drop']:.2f}): "

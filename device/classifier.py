@@ -155,7 +155,11 @@ class Classifier:
         out = self.manifest.output
         values = preprocess.dequantize(raw, out.scale, out.zero_point)
         if out.activation == "none":
-            return softmax(values)
+            return softmax(values / out.temperature)
+        if out.temperature != 1.0:
+            # log p is the logits up to a constant per face; a zero of the int8 softmax stands for
+            # anything below one step, so it counts as half a step.
+            return softmax(np.log(np.maximum(values, out.scale / 2)) / out.temperature)
         # An int8 softmax is exact only to a step of the scale; renormalise so the sum is 1.
         values = np.clip(values, 0.0, None)
         sums = values.sum(axis=-1, keepdims=True)

@@ -114,6 +114,38 @@ def test_logits_model_gets_a_softmax(model: Path, classifier: Classifier, tmp_pa
     assert p.sum() == pytest.approx(1.0)
 
 
+def test_manifest_temperature_scales_the_confidence_not_the_emotion(
+    model: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    levels = [BRIGHTNESS_OF["sad"], 100, BRIGHTNESS_OF["happy"]]
+    frame, boxes = face_frame(levels)
+    plain = classifier.classify(frame, boxes)
+    step = classifier.manifest.output.scale
+    assert classifier.manifest.output.temperature == 1.0  # converted without --temperature
+    for t in (0.5, 3.0):
+        hot = copy_model(model, tmp_path / f"t{t}")
+        edit_manifest(hot, {"output.temperature": t})
+        probs = Classifier(hot).classify(frame, boxes)
+        assert np.array_equal(probs.argmax(1), plain.argmax(1))
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+        expected = softmax(np.log(np.maximum(plain, step / 2)) / t)
+        np.testing.assert_allclose(probs, expected, atol=0.02)
+        top, top_plain = probs.max(1), plain.max(1)
+        # T < 1 sharpens; a saturated output (the others at zero) stays just below 1, as the floor
+        # of half a step for its zeros says.
+        assert (top < top_plain).all() if t > 1 else (top >= top_plain - 1e-4).all()
+    assert (Classifier(hot).classify(frame, boxes).max(1) < 0.9).all()  # T=3 flattens a near one-hot output
+
+
+@pytest.mark.parametrize("value", [0, -1, 100, "warm", True])
+def test_manifest_with_a_bad_temperature_is_refused(model: Path, tmp_path: Path, value: object) -> None:
+    broken = copy_model(model, tmp_path)
+    edit_manifest(broken, {"output.temperature": value})
+    with pytest.raises(ModelError, match="temperature") as info:
+        Classifier(broken)
+    assert str(info.value).startswith(str(broken.with_suffix(".json")))
+
+
 def test_model_without_manifest_is_refused(model: Path, tmp_path: Path) -> None:
     bare = copy_model(model, tmp_path)
     bare.with_suffix(".json").unlink()

@@ -273,6 +273,39 @@ def test_report_has_the_figures_the_issue_asks_for(converted: ConvertResult) -> 
         assert f"recall {c} (n=15)" in table
 
 
+def test_proof_adds_ferplus_agreement_when_given_votes(
+    bright: Path, npz: Path, data: Fer2013, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # FER+ says 'happy' (6 of 10) for every other image and is unclear about the rest (unknown 6 of 10).
+    votes = np.zeros((len(data), 10), np.uint8)
+    votes[::2, 1], votes[::2, 0] = 6, 4
+    votes[1::2, 8], votes[1::2, 0] = 6, 4
+    np.savez(tmp_path / "ferplus.npz", votes=votes)
+    out = tmp_path / "b.tflite"
+    code = main(["--model", str(bright.with_suffix(".keras")), "--data", str(npz), "--out", str(out),
+                 "--calibration-size", "21", "--ferplus", str(tmp_path / "ferplus.npz")])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    fp = report["proof"]["ferplus"]
+    public = np.flatnonzero(data.splits == 1)
+    assert fp["n"] == int((public % 2 == 0).sum())
+    # The brightness model answers happy exactly where a face is bright: FER+ accuracy is that share.
+    held = data.images[public[public % 2 == 0]]
+    bright_share = np.mean([expected_emotion(float(resize_face(im, 32, 32).mean())) == "happy" for im in held])
+    assert fp["int8"]["accuracy"] == pytest.approx(bright_share, abs=2 / fp["n"])
+    assert fp["float"]["report"]["labels"] == list(LABELS) and 0.9 <= fp["agreement"] <= 1.0
+    assert report["ferplus"] == str(tmp_path / "ferplus.npz")
+    assert "FER+ top-1 agreement" in capsys.readouterr().out
+
+    code = main(["--model", str(bright.with_suffix(".keras")), "--data", str(npz), "--out", str(tmp_path / "c.tflite"),
+                 "--ferplus", str(tmp_path / "nope.npz")])  # fmt: skip
+    assert code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path / 'nope.npz'}: FER+ votes file does not exist (ferplus.npz)"
+    )
+
+
 def fragile_model(keras_model: Any) -> Any:
     """The tiny CNN's output plus a huge term equal for all classes: float argmax unchanged, int8 loses it.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_training import _write_npz, convert_quick
+from tests.test_training import _write_npz, convert_quick, write_votes
 
 ROOT = Path(__file__).resolve().parents[1]
 QAT = [sys.executable, str(ROOT / "training" / "qat.py")]
@@ -120,6 +120,25 @@ def test_cli_writes_a_plain_model_that_converts(data: Path, base_model: Path, tm
     r = convert_quick(out / "model.keras", data, tflite)
     assert r.returncode == 0, r.stderr[-2000:]
     assert tflite.stat().st_size > 0
+
+
+def test_ferplus_targets_select_on_ferplus_majority(base_model: Path, tmp_path: Path):
+    data = _write_npz(tmp_path / "tiny.npz")
+    write_votes(data)
+    out = tmp_path / "qat"
+    args = ["--model", str(base_model), "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "16"]
+    r = subprocess.run(
+        [*QAT, *args, "--calibration-batches", "2", "--labels", "ferplus-probability", "--contempt", "vote"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "qat.json").read_text())
+    assert result["labels"] == "ferplus-probability" and result["contempt"] == "vote"
+    assert result["selection"] == "PublicTest FER+ majority"
+    assert (out / "model.keras").is_file()
 
 
 def test_missing_model_is_a_clear_error(data: Path, tmp_path: Path):

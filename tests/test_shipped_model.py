@@ -90,3 +90,25 @@ def test_flip_tta_averages_a_face_with_its_mirror_image() -> None:
     one, mirrored = plain.classify_crops([crop]), plain.classify_crops([crop[:, ::-1].copy()])
     assert not np.allclose(one, mirrored, atol=1e-3)  # the real model sees the mirror image differently
     np.testing.assert_allclose(tta.classify_crops([crop, crop]), np.repeat((one + mirrored) / 2, 2, axis=0), atol=1e-6)
+
+
+@pytest.mark.shared
+def test_shipped_confidences_are_calibrated_on_ferplus(fer2013_npz: Path) -> None:
+    """With its manifest's temperature, the shipped model's ECE on FER+ PrivateTest meets the 0.05
+    target and equals the committed as-shipped evaluation."""
+    from serenbox.training import ferplus
+    from serenbox.training.calibration import expected_calibration_error
+    from serenbox.training.evaluate import tflite_predictor
+    from serenbox.training.fer2013 import load
+
+    votes = fer2013_npz.parent / ferplus.FILE_NAME
+    if not votes.is_file():
+        pytest.skip("../shared/fer2013/ferplus.npz is absent")
+    assert Classifier(DEFAULT_MODEL).manifest.output.temperature != 1.0
+    recorded = json.loads((ROOT / "docs" / "model" / "ferplus" / "as-shipped" / "eval_privatetest.json").read_text())
+    entry = next(m for spec, m in recorded["models"].items() if spec.endswith(DEFAULT_MODEL.name))
+    test = ferplus.official(ferplus.attach(load(fer2013_npz), votes).split("PrivateTest"))
+    assert len(test) == 3136
+    ece = expected_calibration_error(tflite_predictor(DEFAULT_MODEL)(test.images), test.labels)
+    assert ece <= 0.05
+    assert ece == pytest.approx(entry["calibration"]["ferplus"]["ece"], abs=1e-4)

@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from serenbox.device.labels import LABELS
-from serenbox.training.train import class_weights, device_pixels
+from serenbox.training import ferplus
+from serenbox.training.fer2013 import load
+from serenbox.training.train import (
+    FitData,
+    Recipe,
+    class_weights,
+    device_pixels,
+    labelled_sets,
+    load_data,
+    training_batches,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "training" / "train.py")]
@@ -32,6 +42,25 @@ def _write_npz(path: Path, per_class: int = 6) -> Path:
             ys += [c] * per_class
             ss += [split] * per_class
     np.savez(path, x=np.concatenate(xs), y=np.array(ys, np.uint8), split=np.array(ss, np.uint8))
+    return path
+
+
+def write_votes(npz: Path) -> Path:
+    """FER+-like votes beside `npz` (as ferplus.npz): per image in turn a clear majority for its
+    FER2013 label, a clear majority for the next class, a 5/5 split, and an unclear face."""
+    labels = np.load(npz)["y"]
+    column_of = {int(label): col for col, label in enumerate(ferplus.TO_LABEL)}
+    votes = np.zeros((len(labels), 10), np.uint8)
+    for i, y in enumerate(labels):
+        own, other = column_of[int(y)], column_of[(int(y) + 1) % len(LABELS)]
+        votes[i, [(own, other), (other, own), (own, other), (ferplus.UNKNOWN, own)][i % 4]] = [
+            (7, 3),
+            (8, 2),
+            (5, 5),
+            (6, 4),
+        ][i % 4]
+    path = npz.parent / ferplus.FILE_NAME
+    np.savez(path, votes=votes)
     return path
 
 
@@ -217,7 +246,8 @@ def test_resume_accepts_a_run_from_before_a_recipe_field_existed(data, quick_run
     old = tmp_path / "old"
     shutil.copytree(quick_run, old)
     config = json.loads((old / "train_config.json").read_text())
-    del config["recipe"]["erase"]  # as written before random erasing existed
+    for field in ("erase", "labels", "contempt", "mix"):  # as written before these fields existed
+        del config["recipe"][field]
     (old / "train_config.json").write_text(json.dumps(config))
     r = _run(["--data", str(data), "--weights", "none", "--out", str(old), "--quick", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -250,3 +280,87 @@ def test_training_inputs_are_whole_gray_levels_like_the_devices_resized_faces():
     # OpenCV's fixed-point bilinear rounds a few pixels the other way; never by more than one level.
     assert np.abs(x - device).max() <= 1
     assert (x != device).mean() < 0.2
+
+
+@pytest.fixture(scope="module")
+def ferplus_data(tmp_path_factory) -> Path:
+    npz = _write_npz(tmp_path_factory.mktemp("ferplus") / "tiny.npz")
+    write_votes(npz)
+    return npz
+
+
+def test_ferplus_run_selects_and_reports_on_ferplus_majority(ferplus_data: Path, tmp_path: Path):
+    out = tmp_path / "fp"
+    args = ["--data", str(ferplus_data), "--weights", "none", "--out", str(out), "--quick"]
+    r = _run([*args, "--labels", "ferplus-crossentropy", "--mix", "0.2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = ferplus.attach(load(ferplus_data), ferplus_data.parent / "ferplus.npz")
+    keep, _ = ferplus.majority(data.votes)
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["recipe"]["labels"] == "ferplus-crossentropy" and config["recipe"]["mix"] == 0.2
+    assert config["ferplus"] == str(ferplus_data.parent / "ferplus.npz")
+    assert config["ferplus_kept"]["PublicTest"] == int((keep & (data.splits == 1)).sum())
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 6 * len(LABELS)  # FER2013 labels: the whole split
+    assert report["ferplus"]["n"] == int((keep & (data.splits == 2)).sum()) < report["n"]
+    assert "FER+ majority labels" in r.stdout
+
+
+def test_ferplus_labels_without_votes_file_is_a_clear_error(data: Path, tmp_path: Path):
+    missing = data.parent / "ferplus.npz"
+    assert not missing.exists()
+    r = _run(
+        [
+            "--data",
+            str(data),
+            "--weights",
+            "none",
+            "--out",
+            str(tmp_path / "o"),
+            "--quick",
+            "--labels",
+            "ferplus-majority",
+        ]
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {missing}: FER+ votes file does not exist (ferplus.npz)"
+    r = _run(["--data", str(data), "--weights", "none", "--out", str(tmp_path / "o"), "--quick", "--mix", "0.3"])
+    assert r.returncode == 2 and "--mix mixes FER2013 into FER+ targets" in r.stderr
+
+
+def test_labelled_sets_per_mode(ferplus_data: Path):
+    fer = labelled_sets(load_data(str(ferplus_data), Recipe()), Recipe())
+    assert fer.val.votes is None and np.array_equal(fer.targets, np.eye(7)[fer.train.labels])
+    for mode in ferplus.MODES:
+        r = Recipe(labels=f"ferplus-{mode}", mix=0.25)
+        sets = labelled_sets(load_data(str(ferplus_data), r), r)
+        keep, y = ferplus.targets(sets.train.votes, mode)
+        assert keep.all()  # only the kept images are left
+        # Rows whose FER+ majority is the next class: the target mixes 1/4 of the FER2013 label in.
+        assert np.allclose(sets.targets, 0.75 * y + 0.25 * np.eye(7)[load_fer2013_labels(sets, ferplus_data)])
+        assert np.array_equal(sets.train.labels, sets.targets.argmax(1))
+        # Images whose FER+ majority is another class than FER2013's train on FER+'s.
+        assert (sets.train.labels != load_fer2013_labels(sets, ferplus_data)).sum() >= len(sets.train) // 4
+        official = ferplus.majority(sets.val.votes)
+        assert official[0].all() and np.array_equal(official[1], sets.val.labels)
+
+
+def load_fer2013_labels(sets, npz: Path) -> np.ndarray:
+    """The FER2013 labels of the faces `labelled_sets` kept (its own labels are the targets' classes)."""
+    data = load(npz)
+    by_pixels = {im.tobytes(): y for im, y in zip(data.images, data.labels, strict=True)}
+    return np.array([by_pixels[im.tobytes()] for im in sets.train.images])
+
+
+def test_probability_mode_draws_a_label_per_face_and_epoch():
+    shares = np.tile(np.array([0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0], np.float32), (64, 1))
+    x = np.zeros((64, 48, 48, 1), np.float32)
+    d = FitData(x=x, y=shares, weights=np.ones(64, np.float32), val_x=x[:2], val_y=shares[:2])
+    batches = training_batches(d, Recipe(batch_size=64, augment=False, labels="ferplus-probability"))
+    _, y0, _ = batches[0]
+    assert np.array_equal(y0.sum(1), np.ones(64)) and set(y0.argmax(1).tolist()) == {0, 3}
+    assert np.array_equal(batches[0][1], y0)  # the same batch of the same epoch draws the same labels
+    batches.on_epoch_end()
+    assert not np.array_equal(batches[0][1], y0)  # a new epoch draws again
+    plain = training_batches(d, Recipe(batch_size=64, augment=False, labels="ferplus-crossentropy"))
+    assert np.array_equal(plain[0][1], shares)

@@ -42,15 +42,23 @@ class Fer2013:
     labels: np.ndarray  # uint8 (N,), index into LABELS
     splits: np.ndarray  # uint8 (N,), index into SPLITS
     source: str
+    votes: np.ndarray | None = None  # uint8 (N, 10) FER+ vote counts (training/ferplus.py), if attached
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, keep: np.ndarray, source: str | None = None) -> Fer2013:
+        """The rows a boolean mask or index array selects, votes included."""
+        votes = None if self.votes is None else self.votes[keep]
+        return Fer2013(self.images[keep], self.labels[keep], self.splits[keep], source or self.source, votes)
+
+    def with_votes(self, votes: np.ndarray) -> Fer2013:
+        return Fer2013(self.images, self.labels, self.splits, self.source, votes)
+
     def split(self, name: str) -> Fer2013:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        keep = self.splits == SPLITS.index(name)
-        return Fer2013(self.images[keep], self.labels[keep], self.splits[keep], f"{self.source}[{name}]")
+        return self.subset(self.splits == SPLITS.index(name), f"{self.source}[{name}]")
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class (every split and class present, zeros included)."""

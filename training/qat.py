@@ -23,7 +23,8 @@ step adapts the model to int8 on the usual faces, it does not continue the train
 model trained before `training/model.py` had its exact int8 input normalization is moved onto
 it first (`--epochs 0` does only that). The output is a plain model (same layers, same contract,
 no fake-quant ops), so `converter/convert.py` converts it unchanged. Selection is by PublicTest
-accuracy of the simulated-int8 model.
+accuracy of the simulated-int8 model: on FER+'s majority set when `--labels ferplus-*` trains on
+FER+ targets, as in `train.py` (same --labels, --ferplus, --contempt and --mix).
 """
 
 from __future__ import annotations
@@ -41,10 +42,20 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from serenbox.training.fer2013 import DatasetError, load
+from serenbox.training import ferplus
+from serenbox.training.fer2013 import DatasetError
 from serenbox.training.report import write_json_atomic
 from serenbox.training.teacher import TeacherError
-from serenbox.training.train import Recipe, fit_data, limit, training_batches, with_input_pipeline
+from serenbox.training.train import (
+    LABEL_SOURCES,
+    Recipe,
+    TrainError,
+    fit_data,
+    labelled_sets,
+    load_data,
+    training_batches,
+    with_input_pipeline,
+)
 
 
 class QatError(Exception):
@@ -225,13 +236,16 @@ def fine_tune(args: argparse.Namespace) -> dict:
         limit_per_class=args.limit_per_class,
         teacher=args.teacher,
         teacher_weight=args.teacher_weight,
+        labels=args.labels,
+        contempt=args.contempt,
+        mix=args.mix,
     )
-    data = limit(load(args.data), r.limit_per_class, r.seed)
-    train_set, val_set = data.require("Training"), data.require("PublicTest", all_classes=False)
+    sets = labelled_sets(load_data(args.data, r, args.ferplus), r)
+    train_set = sets.train
     out.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(r.seed)
-    d = fit_data(train_set, val_set, r)
+    d = fit_data(sets, r)
     qat = make_qat_model(base)
     pipeline = with_input_pipeline(qat, r)
     steps = int(np.ceil(len(train_set) / r.batch_size))
@@ -282,6 +296,10 @@ def fine_tune(args: argparse.Namespace) -> dict:
         "limit_per_class": r.limit_per_class,
         "teacher": r.teacher,
         "teacher_weight": r.teacher_weight if r.teacher else 0.0,
+        "labels": r.labels,
+        "contempt": r.contempt if r.labels != "fer2013" else "",
+        "mix": r.mix,
+        "selection": "PublicTest FER+ majority" if r.labels != "fer2013" else "PublicTest FER2013",
         "simulated_int8_val_accuracy_before": float(start),
         "best": best,
         "train_seconds": round(time.time() - t0, 1),
@@ -304,12 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-per-class", type=int, default=0)
     p.add_argument("--teacher", default="", help="distil: soft targets file from training/teacher.py")
     p.add_argument("--teacher-weight", type=float, default=Recipe.teacher_weight, help="teacher's share of the target")
+    p.add_argument("--labels", choices=LABEL_SOURCES, default=Recipe.labels, help="training targets, as train.py")
+    p.add_argument("--ferplus", default="", help="FER+ votes file (default: ferplus.npz beside --data)")
+    p.add_argument("--contempt", choices=ferplus.CONTEMPT_POLICIES, default=Recipe.contempt)
+    p.add_argument("--mix", type=float, default=Recipe.mix, help="share of the FER2013 one-hot in a FER+ target")
     args = p.parse_args(argv)
     if not 0.0 <= args.teacher_weight <= 1.0:
         p.error("--teacher-weight must be between 0 and 1")
+    if not 0.0 <= args.mix <= 1.0:
+        p.error("--mix must be between 0 and 1")
+    if args.mix and args.labels == "fer2013":
+        p.error("--mix mixes FER2013 into FER+ targets: it needs --labels ferplus-*")
     try:
         fine_tune(args)
-    except (QatError, TeacherError, DatasetError) as e:
+    except (QatError, TeacherError, DatasetError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

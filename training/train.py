@@ -6,8 +6,16 @@
 
 Schedule: the head alone on a frozen backbone, then the whole network at a lower, cosine-
 decayed learning rate. Model selection and early stopping use PublicTest; the final report
-is on --report-split (PrivateTest). An interrupted run continues with --resume. Any Keras 3
-backend trains: KERAS_BACKEND=jax on a GPU machine without TensorFlow (README).
+is on --report-split (PrivateTest).
+
+Labels (--labels): FER2013's own single labels, or FER+'s crowd votes (training/ferplus.py,
+--ferplus, by default ferplus.npz beside --data) as the official majority, a label drawn from
+the vote distribution every epoch (probability) or the distribution itself (crossentropy);
+--mix W mixes in W of the FER2013 one-hot. With FER+ labels, selection is by accuracy on
+PublicTest's FER+ majority set and the report gives FER+ next to FER2013.
+
+An interrupted run continues with --resume. Any Keras 3 backend trains: KERAS_BACKEND=jax on a
+GPU machine without TensorFlow (README).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from serenbox.device.labels import LABELS
+from serenbox.training import ferplus
 from serenbox.training.fer2013 import DatasetError, Fer2013, load
 from serenbox.training.report import classification_report, format_report, save_confusion_png, write_json_atomic
 from serenbox.training.teacher import TeacherError
@@ -56,10 +65,15 @@ class Recipe:
     init: str = ""  # a trained .keras model to start from (no head stage); "": ImageNet backbone
     teacher: str = ""  # soft targets from training/teacher.py; "": hard labels only
     teacher_weight: float = 0.7  # share of the teacher's targets in the training target
+    labels: str = "fer2013"  # one of LABEL_SOURCES
+    contempt: str = "image"  # FER+ contempt policy (training/ferplus.py)
+    mix: float = 0.0  # share of the FER2013 one-hot in a FER+ target
 
+
+LABEL_SOURCES: tuple[str, ...] = ("fer2013", *(f"ferplus-{m}" for m in ferplus.MODES))
 
 # Recipe fields added after runs were made, with the value those runs had: they still resume.
-RECIPE_ADDED = {"erase": 0.0}
+RECIPE_ADDED = {"erase": 0.0, "labels": "fer2013", "contempt": "image", "mix": 0.0}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
@@ -85,6 +99,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--init", default="", help="start from this trained .keras model instead of the head stage")
     p.add_argument("--teacher", default="", help="distil: soft targets file from training/teacher.py")
     p.add_argument("--teacher-weight", type=float, default=d.teacher_weight, help="teacher's share of the target")
+    p.add_argument("--labels", choices=LABEL_SOURCES, default=d.labels, help="training targets (see above)")
+    p.add_argument("--ferplus", default="", help="FER+ votes file (default: ferplus.npz beside --data)")
+    p.add_argument("--contempt", choices=ferplus.CONTEMPT_POLICIES, default=d.contempt, help="FER+ contempt policy")
+    p.add_argument("--mix", type=float, default=d.mix, help="share of the FER2013 one-hot in a FER+ target")
     p.add_argument("--report-split", default="PrivateTest", help="split for the final evaluation report")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small subset, input 32, one short epoch")
@@ -107,6 +125,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         init=a.init,
         teacher=a.teacher,
         teacher_weight=a.teacher_weight,
+        labels=a.labels,
+        contempt=a.contempt,
+        mix=a.mix,
     )
     if a.quick:
         # Small defaults; options given explicitly still win.
@@ -126,6 +147,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         p.error("--teacher-weight must be between 0 and 1")
     if not 0.0 <= r.erase <= 1.0:
         p.error("--erase must be between 0 and 1")
+    if not 0.0 <= r.mix <= 1.0:
+        p.error("--mix must be between 0 and 1")
+    if r.mix and r.labels == "fer2013":
+        p.error("--mix mixes FER2013 into FER+ targets: it needs --labels ferplus-*")
     return a, r
 
 
@@ -138,8 +163,39 @@ def limit(data: Fer2013, per_class: int, seed: int) -> Fer2013:
         for c in range(len(LABELS)):
             idx = np.flatnonzero((data.splits == s) & (data.labels == c))
             keep.extend(rng.permutation(idx)[:per_class])
-    keep = np.sort(np.array(keep, dtype=np.int64))
-    return Fer2013(data.images[keep], data.labels[keep], data.splits[keep], data.source)
+    return data.subset(np.sort(np.array(keep, dtype=np.int64)))
+
+
+def load_data(data_path: str, r: Recipe, ferplus_path: str = "") -> Fer2013:
+    """The data set, with FER+ votes attached when the recipe trains on them."""
+    data = load(data_path)
+    if r.labels != "fer2013":
+        data = ferplus.attach(data, ferplus_path or ferplus.default_path(data_path))
+    return limit(data, r.limit_per_class, r.seed)
+
+
+@dataclass
+class LabelledSets:
+    """Training faces with their label targets, and the selection split with the labels selection uses."""
+
+    train: Fer2013  # labels: the target's hard class (for class weights)
+    targets: np.ndarray  # (N, 7) float32, before any teacher
+    val: Fer2013  # PublicTest; with FER+ labels its official majority set and class
+
+
+def labelled_sets(data: Fer2013, r: Recipe) -> LabelledSets:
+    train = data.require("Training")
+    val = data.require("PublicTest", all_classes=False)
+    if r.labels == "fer2013":
+        return LabelledSets(train, np.eye(len(LABELS), dtype=np.float32)[train.labels], val)
+    keep, y = ferplus.targets(train.votes, r.labels.removeprefix("ferplus-"), r.contempt)
+    y = (1.0 - r.mix) * y[keep] + r.mix * np.eye(len(LABELS), dtype=np.float32)[train.labels[keep]]
+    kept = train.subset(keep)
+    hard = Fer2013(kept.images, y.argmax(1).astype(np.uint8), kept.splits, kept.source, kept.votes)
+    val = ferplus.official(val)
+    if len(hard) == 0 or len(val) == 0:
+        raise TrainError(f"{data.source}: FER+ keeps no Training or no PublicTest images")
+    return LabelledSets(hard, y.astype(np.float32), val)
 
 
 def class_weights(labels: np.ndarray, power: float) -> dict[int, float]:
@@ -149,11 +205,8 @@ def class_weights(labels: np.ndarray, power: float) -> dict[int, float]:
     return {i: float(w[i]) for i in range(len(LABELS))}
 
 
-def training_targets(train: Fer2013, r: Recipe) -> np.ndarray:
-    """One-hot labels, or with a teacher the mix (1 − w)·label + w·teacher (distillation)."""
-    import keras
-
-    y = keras.utils.to_categorical(train.labels, len(LABELS)).astype(np.float32)
+def training_targets(train: Fer2013, y: np.ndarray, r: Recipe) -> np.ndarray:
+    """The label targets `y`, or with a teacher the mix (1 − w)·y + w·teacher (distillation)."""
     if not r.teacher:
         return y
     from serenbox.training.teacher import targets_for
@@ -173,13 +226,14 @@ class FitData:
     val_y: np.ndarray
 
 
-def fit_data(train: Fer2013, val: Fer2013, r: Recipe) -> FitData:
+def fit_data(sets: LabelledSets, r: Recipe) -> FitData:
     """Per-image class weights of the hard labels: Keras' class_weight would take the argmax of a
     teacher's soft target instead."""
+    train, val = sets.train, sets.val
     cw = class_weights(train.labels, r.class_weight_power)
     return FitData(
         x=train.images[..., None].astype(np.float32),
-        y=training_targets(train, r),
+        y=training_targets(train, sets.targets, r),
         weights=np.array([cw[int(c)] for c in train.labels], np.float32),
         val_x=val.images[..., None].astype(np.float32),
         val_y=np.eye(len(LABELS), dtype=np.float32)[val.labels],
@@ -197,6 +251,7 @@ def training_batches(d: FitData, r: Recipe):
     from serenbox.training.augment import Augmentation, augment_batch
 
     aug = Augmentation(erase=r.erase)
+    draw = r.labels == "ferplus-probability"
 
     @functools.lru_cache(maxsize=2)  # the epoch being made, and the next one fetched ahead
     def order(epoch: int) -> np.ndarray:
@@ -212,10 +267,13 @@ def training_batches(d: FitData, r: Recipe):
 
         def __getitem__(self, i: int):
             idx = np.sort(order(self.epoch)[i * r.batch_size : (i + 1) * r.batch_size])
-            x = d.x[idx]
+            x, y = d.x[idx], d.y[idx]
+            rng = np.random.default_rng([r.seed, self.epoch, i])
             if r.augment:
-                x = augment_batch(x, np.random.default_rng([r.seed, self.epoch, i]), aug)
-            return x, d.y[idx], d.weights[idx]
+                x = augment_batch(x, rng, aug)
+            if draw:  # FER+ 'probability': a fresh label from each face's distribution every epoch
+                y = ferplus.sample_labels(y, rng)
+            return x, y, d.weights[idx]
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -254,8 +312,8 @@ def predict_probs(model, images: np.ndarray, size: int, batch: int = 256) -> np.
 
 def make_best_keeper(out: Path, patience: int, model):
     """Keep the best `model` (the network inside the training pipeline) by PublicTest accuracy
-    across stages and resumes (Keras' own ModelCheckpoint and EarlyStopping forget their best
-    value when a run is resumed)."""
+    (on FER+'s majority set when training on FER+) across stages and resumes (Keras' own
+    ModelCheckpoint and EarlyStopping forget their best value when a run is resumed)."""
     import keras
 
     class BestKeeper(keras.callbacks.Callback):
@@ -344,15 +402,18 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
         raise TrainError(f"{weights}: weights file does not exist")
     if r.init and not Path(r.init).is_file():
         raise TrainError(f"{r.init}: --init model file does not exist")
-    data = limit(load(args.data), r.limit_per_class, r.seed)
-    train_set = data.require("Training")
-    val_set = data.require("PublicTest", all_classes=False)
+    data = load_data(args.data, r, args.ferplus)
+    sets = labelled_sets(data, r)
+    train_set, val_set = sets.train, sets.val
     report_set = data.require(args.report_split, all_classes=False)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "train_config.json"
     config = {"recipe": asdict(r), "data": str(args.data), "weights": str(args.weights), "counts": data.counts()}
+    if r.labels != "fer2013":
+        config["ferplus"] = str(args.ferplus or ferplus.default_path(args.data))
+        config["ferplus_kept"] = {"Training": len(train_set), "PublicTest": len(val_set)}
     if args.resume and config_file.exists():
         previous = json.loads(config_file.read_text())
         if {**RECIPE_ADDED, **previous["recipe"]} != config["recipe"]:
@@ -362,7 +423,7 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     write_json_atomic(config, config_file)
 
     keras.utils.set_random_seed(r.seed)
-    d = fit_data(train_set, val_set, r)
+    d = fit_data(sets, r)
     cw = class_weights(train_set.labels, r.class_weight_power)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
     steps = int(np.ceil(len(train_set) / r.batch_size))
@@ -411,6 +472,9 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
     best = keras.models.load_model(out / "model.keras")
     probs = predict_probs(best, report_set.images, r.input_size)
     report = classification_report(report_set.labels, probs.argmax(1))
+    if report_set.votes is not None:
+        keep, labels = ferplus.majority(report_set.votes)
+        report["ferplus"] = classification_report(labels[keep], probs[keep].argmax(1))
     report.update(
         split=args.report_split,
         data=str(args.data),
@@ -424,6 +488,8 @@ def train(args: argparse.Namespace, r: Recipe) -> dict:
         f"{args.report_split}: accuracy {report['accuracy'] * 100:.1f}% (float, input {r.input_size})",
     )
     print(format_report(report, f"{args.report_split} (best model by PublicTest accuracy)"), flush=True)
+    if "ferplus" in report:
+        print(format_report(report["ferplus"], f"{args.report_split}, FER+ majority labels"), flush=True)
     return report
 
 
