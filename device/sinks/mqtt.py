@@ -14,6 +14,15 @@ Locks (acquired only in this order, so paho's callbacks cannot deadlock with the
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
 `on_publish` holding its message lock, so that callback only touches `_cond`.
 
+A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. Every
+reconnect after a lost connection or a failed attempt goes to the next node in the list (the
+first one tried is picked from the device id, so a fleet spreads over the nodes); a node that
+returns is used again when its turn comes. Nothing is lost or reordered across a switch: the
+spool replays from its oldest unacknowledged row on every connect, whichever node it is. A node
+that lost the box without noticing (a partition, a half-open socket) may publish the Last Will
+`offline` after the box is `online` elsewhere: the box reads its own availability topic and says
+`online` again when it sees that.
+
 Home Assistant discovery (device/sinks/ha_discovery.py): the retained config goes out on every
 connect, and again a moment after Home Assistant says `online` on its status topic; that
 re-announcement runs on a timer thread, never on paho's network thread.
@@ -28,6 +37,8 @@ import random
 import ssl
 import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +71,25 @@ _SESSION_TAKEN_OVER = 0x8E
 # Home Assistant restarting says `online` to every device at once: spread the answers out.
 ANNOUNCE_DELAY_S = (0.5, 3.0)
 REMOVE_TIMEOUT_S = 10.0
+# A stale `offline` is answered at most this often, so two boxes sharing an id cannot flood the broker.
+REASSERT_MIN_S = 1.0
+
+
+class _NodeClient(mqtt.Client):
+    """A paho client that asks which node to dial before every connection attempt.
+
+    paho's loop retries the address it was first given; a cluster wants the next node instead."""
+
+    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pick = pick
+        self._first_attempt = True
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # Runs on paho's network thread with the socket closed: the address may change here.
+        self._host, self._port = self._pick(self._first_attempt)
+        self._first_attempt = False
+        return super().reconnect()
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -82,8 +112,12 @@ class MqttSink(Sink):
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self._m = cfg.mqtt
-        if not self._m.host:
-            raise ConfigError("mqtt.host: required for the MQTT sink")
+        self._nodes = self._m.nodes()
+        if not self._nodes:
+            raise ConfigError("mqtt.host: required for the MQTT sink (or mqtt.hosts for a cluster)")
+        # Where a box starts in the list: spread over the nodes by device id, the same on every start.
+        self._node = zlib.crc32(cfg.device_id.encode()) % len(self._nodes)
+        self._failovers = 0
         self._check_tls_files()
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
@@ -118,6 +152,7 @@ class MqttSink(Sink):
         self._state_latest: str | None = None
         self._handler: CommandHandler | None = None
         self._refusal_logged: str | None = None
+        self._reassert = False
 
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="serenbox-mqtt", daemon=True)
@@ -166,6 +201,8 @@ class MqttSink(Sink):
             "mqtt_published": self._published,
             "mqtt_rejected": self._rejected,
             "mqtt_connected": self._connected,
+            "mqtt_node": self._where(),
+            "mqtt_failovers": self._failovers,
             "stats_interval_s": self._m.stats_interval_s,
         }
 
@@ -211,8 +248,9 @@ class MqttSink(Sink):
 
     def _make_client(self) -> mqtt.Client:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        client = mqtt.Client(
+        client = _NodeClient(
             CallbackAPIVersion.VERSION2,
+            pick=self._pick_node,
             client_id=self._client_id,
             protocol=self._protocol,
             # A clean session: the spool is what remembers unsent events, never the broker.
@@ -236,8 +274,23 @@ class MqttSink(Sink):
     def _connect(self, client: mqtt.Client) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
-        client.connect_async(self._m.host, self._m.port, keepalive=self._m.keepalive, **kwargs)
+        host, port = self._nodes[self._node]
+        client.connect_async(host, port, keepalive=self._m.keepalive, **kwargs)
         client.loop_start()
+
+    def _where(self) -> str:
+        host, port = self._nodes[self._node]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _pick_node(self, first_attempt: bool) -> tuple[str, int]:
+        """The node for the next connection attempt (paho's network thread)."""
+        # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
+        # re-dials the node that refused MQTT 5); any later attempt moves on.
+        if not first_attempt and len(self._nodes) > 1:
+            self._node = (self._node + 1) % len(self._nodes)
+            self._failovers += 1
+            log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
+        return self._nodes[self._node]
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
@@ -248,20 +301,22 @@ class MqttSink(Sink):
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
+            with self._cond:
+                self._reassert = False  # `online` goes out just below
             self._publish_availability(client)
             if self._protocol == MQTTProtocolVersion.MQTTv5:
                 # retainHandling 2: a retained command is never delivered on subscribe.
-                client.subscribe(self.topics.set, options=mqtt.SubscribeOptions(qos=1, retainHandling=2))
+                once = mqtt.SubscribeOptions(qos=1, retainHandling=2)
+                client.subscribe([(self.topics.set, once), (self.topics.availability, once)])
             else:
-                client.subscribe(self.topics.set, qos=1)
+                client.subscribe([(self.topics.set, 1), (self.topics.availability, 1)])
             if self._ha_topic:
                 self._announce(client)
                 client.subscribe(self._ha_status, qos=1)
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
-            "connected to MQTT broker %s:%d (MQTT %s); %d spooled event(s) to send",
-            self._m.host,
-            self._m.port,
+            "connected to MQTT broker %s (MQTT %s); %d spooled event(s) to send",
+            self._where(),
             "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
             len(self._backlog),
         )
@@ -289,7 +344,7 @@ class MqttSink(Sink):
     def _on_refused(self, reason: ReasonCode) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         if self._m.protocol == "auto" and v5 and reason.value in _UNSUPPORTED_PROTOCOL:
-            log.warning("MQTT broker %s:%d does not accept MQTT 5; falling back to 3.1.1", self._m.host, self._m.port)
+            log.warning("MQTT broker %s does not accept MQTT 5; falling back to 3.1.1", self._where())
             with self._cond:
                 self._fallback = True
                 self._kick = True
@@ -302,9 +357,8 @@ class MqttSink(Sink):
             if reason.value in (4, 5, 0x86, 0x87):
                 hint = "; check mqtt.username and mqtt.password (or SERENBOX_MQTT_PASSWORD)"
             log.error(
-                "MQTT broker %s:%d refused the connection: %s%s; events are spooled, retrying",
-                self._m.host,
-                self._m.port,
+                "MQTT broker %s refused the connection: %s%s; events are spooled, retrying",
+                self._where(),
                 text.lower(),
                 hint,
             )
@@ -313,10 +367,9 @@ class MqttSink(Sink):
         if self._refusal_logged != "unreachable":
             self._refusal_logged = "unreachable"
             log.warning(
-                "could not connect to MQTT broker %s:%d (unreachable, or the TLS handshake failed); "
+                "could not connect to MQTT broker %s (unreachable, or the TLS handshake failed); "
                 "events are spooled, retrying",
-                self._m.host,
-                self._m.port,
+                self._where(),
             )
 
     def _on_disconnect(
@@ -326,7 +379,12 @@ class MqttSink(Sink):
             was_connected = self._connected
             self._reset_connection(connected=False)
         if was_connected and not self._stopping:
-            log.warning("MQTT connection lost (%s); spooling and reconnecting", str(reason).lower())
+            log.warning(
+                "MQTT connection lost (%s) on %s; spooling and reconnecting%s",
+                str(reason).lower(),
+                self._where(),
+                " to the next node" if len(self._nodes) > 1 else "",
+            )
             if reason.value == _SESSION_TAKEN_OVER:
                 log.error(
                     "another MQTT client connected with this client id (%s): is device_id %r used by two boxes?",
@@ -344,6 +402,15 @@ class MqttSink(Sink):
             self._cond.notify()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.availability:
+            # A Last Will fired late by a node this box has left: it is up, so say so again.
+            if msg.payload == b"offline":
+                with self._cond:
+                    if not self._stopping:
+                        self._reassert = True
+                        self._kick = True
+                        self._cond.notify()
+            return
         if msg.topic == self._ha_status:
             if self._ha_topic and msg.payload.strip() == ha_discovery.ONLINE:
                 self._schedule_announce()
@@ -437,13 +504,13 @@ class MqttSink(Sink):
                 if not self._kick and not self._stopping:
                     self._cond.wait(timeout=self._due_in())
                 self._kick = False
-                stopping, fallback = self._stopping, self._fallback
+                stopping, fallback, reassert = self._stopping, self._fallback, self._reassert
                 self._fallback = False
             try:
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
-                self._refresh_availability()
+                self._refresh_availability(reassert)
                 # At shutdown the rate limit yields: the retained state must be the last one.
                 self._publish_state(force=stopping)
             except Exception:  # keep spooling whatever happens; the next wake-up retries
@@ -470,6 +537,8 @@ class MqttSink(Sink):
     def _due_in(self) -> float | None:
         """Seconds until the publisher has something to do by the clock (None: only when woken)."""
         waits = [w for w in (self._state_due_in(), self._availability_due_in()) if w is not None]
+        if self._reassert and self._connected:
+            waits.append(max(0.0, self._availability_at + REASSERT_MIN_S - time.monotonic()))
         if self._backlog.has_undeleted():
             waits.append(1.0)
         return min(waits) if waits else None
@@ -479,9 +548,17 @@ class MqttSink(Sink):
             return None  # 3.1.1 has no expiry: the Last Will alone says offline
         return max(0.0, self._availability_at + self._availability_every_s - time.monotonic())
 
-    def _refresh_availability(self) -> None:
+    def _refresh_availability(self, reassert: bool = False) -> None:
         with self._pub:
-            if self._availability_due_in() == 0.0 and not self._stopping:
+            if self._stopping or not self._connected:
+                return
+            if reassert and time.monotonic() - self._availability_at < REASSERT_MIN_S:
+                return  # _due_in wakes the thread when it may go
+            if reassert:
+                with self._cond:
+                    self._reassert = False
+                log.warning("the broker says this box is offline (a late Last Will?): publishing online again")
+            if reassert or self._availability_due_in() == 0.0:
                 self._publish_availability(self._client)
 
     def _state_due_in(self) -> float | None:
@@ -531,18 +608,32 @@ def _credentials(client: mqtt.Client, cfg: Config) -> None:
             client.tls_insecure_set(True)
 
 
-def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
-    """Publish the empty retained config that makes Home Assistant delete this device; the topic.
+def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> tuple[str, str]:
+    """Publish the empty retained config that makes Home Assistant delete this device.
 
-    Raises ConnectionError with one line when the broker cannot be reached or refuses."""
-    if not cfg.mqtt.host:
+    Tries each of `mqtt.hosts` in turn (a cluster shares retained messages); returns the topic and
+    the node that took it. Raises ConnectionError with one line when no node can be reached or all refuse."""
+    nodes = cfg.mqtt.nodes()
+    if not nodes:
         raise ConfigError("mqtt.host: not set, so there is no broker to remove the device from")
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(cfg.mqtt.tls, key)
         if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
             raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
     topic = ha_discovery.config_topic(cfg)
-    where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    errors: list[str] = []
+    for host, port in nodes:
+        try:
+            _publish_removal(cfg, topic, host, port, timeout)
+            return topic, f"{host}:{port}"
+        except ConnectionError as e:
+            errors.append(str(e))
+    others = f" (and {len(errors) - 1} other node(s) failed)" if len(errors) > 1 else ""
+    raise ConnectionError(errors[-1] + others)
+
+
+def _publish_removal(cfg: Config, topic: str, host: str, port: int, timeout: float) -> None:
+    where = f"{host}:{port}"
     # Its own client id: the daemon's session, if it still runs, is left alone. 3.1.1 speaks to every broker.
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"serenbox-{cfg.device_id}-ha-remove", protocol=mqtt.MQTTv311
@@ -560,7 +651,7 @@ def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
 
     client.on_connect = on_connect
     try:
-        client.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=max(5, round(timeout)))
+        client.connect(host, port, keepalive=max(5, round(timeout)))
     except (OSError, ValueError) as e:
         raise ConnectionError(f"cannot reach the MQTT broker {where} ({getattr(e, 'strerror', None) or e})") from None
     client.loop_start()
@@ -576,4 +667,3 @@ def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
     finally:
         client.disconnect()
         client.loop_stop()
-    return topic
