@@ -92,6 +92,8 @@ class NatsGroup:
             max_reconnect_attempts=-1,  # a member outlives any node
             reconnect_time_wait=0.5,
             allow_reconnect=True,
+            error_cb=self._on_error,
+            reconnected_cb=self._on_reconnected,
         )
         js = self._nc.jetstream(timeout=self.connect_timeout_s)
         config = ConsumerConfig(
@@ -102,6 +104,13 @@ class NatsGroup:
         )
         # The first member creates the durable consumer; the others bind to it.
         self._sub = await js.pull_subscribe(self.subject, durable=self.group, stream=STREAM, config=config)
+
+    async def _on_error(self, e: Exception) -> None:
+        # nats-py's default prints a traceback for every refused reconnect while a node is down.
+        log.warning("NATS connection: %s", e or type(e).__name__)
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS connection re-established to %s", self._nc.connected_url.netloc if self._nc else "?")
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """Event dicts, each acknowledged when the caller asks for the next (or closes the group).

@@ -11,6 +11,7 @@ the MQTT streams are replicated on all three nodes, so a QoS 1 message survives 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -19,12 +20,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import nats
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 HOST = "127.0.0.1"
 # A fresh cluster elects its JetStream meta leader and creates the MQTT streams in about 10 s here.
 READY_TIMEOUT_S = 60.0
+MQTT_STREAMS = ("$MQTT_msgs", "$MQTT_sess", "$MQTT_rmsgs")  # what the gateway keeps in JetStream
 
 
 def nats_binary() -> str | None:
@@ -142,8 +145,39 @@ class NatsCluster:
         self.wait_ready(timeout=timeout)
         return self
 
+    def streams_healthy(self) -> bool:
+        """True when each MQTT stream has a leader and every other node's replica is current.
+
+        A restarted node accepts clients before it has caught up; killing another node then would
+        leave a stream without a quorum, which no client can work around (docs/fleet.md)."""
+
+        async def check() -> bool:
+            async def quiet(_e: Exception) -> None:
+                return None
+
+            urls = [f"nats://{HOST}:{n.client_port}" for n in self.nodes if n.running]
+            nc = await nats.connect(servers=urls, connect_timeout=2, allow_reconnect=False, error_cb=quiet)
+            try:
+                js = nc.jetstream(timeout=2)
+                for name in MQTT_STREAMS:
+                    cluster = (await js.stream_info(name)).cluster
+                    replicas = (cluster.replicas or []) if cluster else []
+                    if not cluster or not cluster.leader or len(replicas) != len(self.nodes) - 1:
+                        return False
+                    if not all(r.current and not r.offline for r in replicas):
+                        return False
+                return True
+            finally:
+                await nc.close()
+
+        try:
+            return asyncio.run(check())
+        except Exception:  # no leader yet, a node still starting: not healthy
+            return False
+
     def wait_ready(self, nodes: list[int] | None = None, timeout: float = READY_TIMEOUT_S) -> float:
-        """Seconds until every named node (default: every running one) accepts MQTT clients."""
+        """Seconds until every named node (default: every running one) accepts MQTT clients and,
+        with the whole cluster up, every MQTT stream is replicated on all nodes again."""
         started = time.monotonic()
         waiting = [self.nodes[i] for i in nodes] if nodes is not None else [n for n in self.nodes if n.proc]
         while waiting:
@@ -158,6 +192,10 @@ class NatsCluster:
                 raise RuntimeError(f"NATS nodes {names} not ready for MQTT within {timeout} s:\n{tail}")
             if waiting:
                 time.sleep(0.2)
+        while all(n.running for n in self.nodes) and not self.streams_healthy():
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"NATS streams not replicated on every node within {timeout} s")
+            time.sleep(0.2)
         return time.monotonic() - started
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:

@@ -78,17 +78,31 @@ REASSERT_MIN_S = 1.0
 class _NodeClient(mqtt.Client):
     """A paho client that asks which node to dial before every connection attempt.
 
-    paho's loop retries the address it was first given; a cluster wants the next node instead."""
+    paho's loop retries the address it was first given with a delay that doubles on every
+    failure; a cluster wants the next node instead, and each node of a round tried after the
+    shortest delay: the delay grows only between rounds (with one node, every attempt is a round).
+    """
 
-    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int, bool]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pick = pick
         self._first_attempt = True
+        self._round_delay: float | None = None  # the last wait between rounds; None: none yet
+        self._round_ended = False
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # Runs on paho's network thread with the socket closed: the address may change here.
-        self._host, self._port = self._pick(self._first_attempt)
+        host, port, round_ends = self._pick(self._first_attempt)
         self._first_attempt = False
+        self._host, self._port = host, port
+        # paho's private delay (paho 2.x): None means "the minimum" next time, else it doubles.
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:
+                self._round_delay = None  # connected since: a new outage starts from the minimum
+            elif self._round_ended:
+                self._round_delay = self._reconnect_delay  # the wait just done was between rounds
+            self._round_ended = round_ends
+            self._reconnect_delay = self._round_delay if round_ends else None  # type: ignore[assignment]
         return super().reconnect()
 
 
@@ -118,6 +132,12 @@ class MqttSink(Sink):
         # Where a box starts in the list: spread over the nodes by device id, the same on every start.
         self._node = zlib.crc32(cfg.device_id.encode()) % len(self._nodes)
         self._failovers = 0
+        self._attempts = 0  # connection attempts since the last connection (rounds over the nodes)
+        # With a clean session, QoS 1 on a subscription buys nothing a QoS 0 one lacks: nothing is
+        # redelivered after a reconnect either way. On NATS each QoS 1 subscription is a replicated
+        # JetStream consumer, created and deleted on every connect, which stalls a failover while the
+        # cluster elects leaders (docs/fleet.md); so a cluster box subscribes at QoS 0.
+        self._subscribe_qos = 0 if len(self._nodes) > 1 else 1
         self._check_tls_files()
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
@@ -282,15 +302,17 @@ class MqttSink(Sink):
         host, port = self._nodes[self._node]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _pick_node(self, first_attempt: bool) -> tuple[str, int]:
-        """The node for the next connection attempt (paho's network thread)."""
+    def _pick_node(self, first_attempt: bool) -> tuple[str, int, bool]:
+        """The node for the next connection attempt, and whether it ends a round (paho's thread)."""
         # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
         # re-dials the node that refused MQTT 5); any later attempt moves on.
         if not first_attempt and len(self._nodes) > 1:
             self._node = (self._node + 1) % len(self._nodes)
             self._failovers += 1
             log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
-        return self._nodes[self._node]
+        self._attempts += 1
+        host, port = self._nodes[self._node]
+        return host, port, self._attempts % len(self._nodes) == 0
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
@@ -301,18 +323,20 @@ class MqttSink(Sink):
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
+            self._attempts = 0
             with self._cond:
                 self._reassert = False  # `online` goes out just below
             self._publish_availability(client)
+            qos = self._subscribe_qos
             if self._protocol == MQTTProtocolVersion.MQTTv5:
                 # retainHandling 2: a retained command is never delivered on subscribe.
-                once = mqtt.SubscribeOptions(qos=1, retainHandling=2)
+                once = mqtt.SubscribeOptions(qos=qos, retainHandling=2)
                 client.subscribe([(self.topics.set, once), (self.topics.availability, once)])
             else:
-                client.subscribe([(self.topics.set, 1), (self.topics.availability, 1)])
+                client.subscribe([(self.topics.set, qos), (self.topics.availability, qos)])
             if self._ha_topic:
                 self._announce(client)
-                client.subscribe(self._ha_status, qos=1)
+                client.subscribe(self._ha_status, qos=qos)
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
             "connected to MQTT broker %s (MQTT %s); %d spooled event(s) to send",
