@@ -83,26 +83,23 @@ class _NodeClient(mqtt.Client):
     shortest delay: the delay grows only between rounds (with one node, every attempt is a round).
     """
 
-    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int, bool]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int, int, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pick = pick
         self._first_attempt = True
-        self._round_delay: float | None = None  # the last wait between rounds; None: none yet
-        self._round_ended = False
+        self._round_delay: float | None = None  # the last wait between rounds; None: the minimum
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # Runs on paho's network thread with the socket closed: the address may change here.
-        host, port, round_ends = self._pick(self._first_attempt)
+        host, port, attempt, nodes = self._pick(self._first_attempt)
         self._first_attempt = False
         self._host, self._port = host, port
-        # paho's private delay (paho 2.x): None means "the minimum" next time, else it doubles.
+        # paho's private delay (paho 2.x): what it waited last; None makes the next wait the
+        # minimum, a value makes it double that.
         with self._reconnect_delay_mutex:
-            if self._reconnect_delay is None:
-                self._round_delay = None  # connected since: a new outage starts from the minimum
-            elif self._round_ended:
-                self._round_delay = self._reconnect_delay  # the wait just done was between rounds
-            self._round_ended = round_ends
-            self._reconnect_delay = self._round_delay if round_ends else None  # type: ignore[assignment]
+            if (attempt - 1) % nodes == 0:  # the wait just done followed a lost connection or a round
+                self._round_delay = self._reconnect_delay
+            self._reconnect_delay = self._round_delay if attempt % nodes == 0 else None  # type: ignore[assignment]
         return super().reconnect()
 
 
@@ -302,8 +299,9 @@ class MqttSink(Sink):
         host, port = self._nodes[self._node]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _pick_node(self, first_attempt: bool) -> tuple[str, int, bool]:
-        """The node for the next connection attempt, and whether it ends a round (paho's thread)."""
+    def _pick_node(self, first_attempt: bool) -> tuple[str, int, int, int]:
+        """The node for the next connection attempt, the attempt's number since the last
+        connection and the number of nodes (paho's network thread)."""
         # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
         # re-dials the node that refused MQTT 5); any later attempt moves on.
         if not first_attempt and len(self._nodes) > 1:
@@ -312,7 +310,7 @@ class MqttSink(Sink):
             log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
         self._attempts += 1
         host, port = self._nodes[self._node]
-        return host, port, self._attempts % len(self._nodes) == 0
+        return host, port, self._attempts, len(self._nodes)
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
