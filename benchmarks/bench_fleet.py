@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,7 +101,7 @@ def box_worker(
         sample(time.time())
         time.sleep(0.1)
     sample(time.time())
-    depth = sum(s.counters()["spool_depth"] for s in sinks.values())
+    depth = {b: s.counters()["spool_depth"] for b, s in sinks.items()}
     failovers = sum(s.counters()["mqtt_failovers"] for s in sinks.values())
     for s in sinks.values():
         s.close()
@@ -145,68 +146,77 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         cluster = NatsCluster(Path(tmp) / "nats")
         t = time.monotonic()
-        cluster.start()
-        print(f"cluster: 3 nodes ready in {time.monotonic() - t:.1f} s", flush=True)
-        seen: list[Seen] = [{} for _ in range(args.consumers)]
+        procs: list[Any] = []
         stop = threading.Event()
-        groups = [NatsGroup(cluster.nats_urls(), "bench", ack_wait_s=5, batch=500) for _ in range(args.consumers)]
-        for g in groups:
-            g.open()  # the durable consumer exists before the first event
-        consumers = [
-            threading.Thread(target=consume, args=(g, s, stop), daemon=True) for g, s in zip(groups, seen, strict=True)
-        ]
-        for c in consumers:
-            c.start()
+        try:
+            cluster.start()
+            print(f"cluster: 3 nodes ready in {time.monotonic() - t:.1f} s", flush=True)
+            seen: list[Seen] = [{} for _ in range(args.consumers)]
+            groups = [NatsGroup(cluster.nats_urls(), "bench", ack_wait_s=5, batch=500) for _ in range(args.consumers)]
+            for g in groups:
+                g.open()  # the durable consumer exists before the first event
+            consumers = [
+                threading.Thread(target=consume, args=(g, s, stop), daemon=True)
+                for g, s in zip(groups, seen, strict=True)
+            ]
+            for c in consumers:
+                c.start()
 
-        names = [f"box-{i:05d}" for i in range(args.boxes)]
-        shares = [names[i :: args.workers] for i in range(args.workers)]
-        start_at = time.time() + 5.0 + args.boxes / 200  # time to connect every box first
-        ctx = mp.get_context("spawn")
-        outs = [f"{tmp}/worker{i}.json" for i in range(args.workers)]
-        procs = [
-            ctx.Process(
-                target=box_worker,
-                args=(share, cluster.mqtt_hosts(), args.rate, args.duration, f"{tmp}/state", start_at, out),
-            )
-            for share, out in zip(shares, outs, strict=True)
-            if share
-        ]
-        for p in procs:
-            p.start()
-        kills: list[tuple[float, int, float]] = []  # (killed at, node, whole and current again at)
-        load: list[float] = []
-        victim = 0
-        while time.time() < start_at + args.duration:
-            time.sleep(1.0)
-            load.append(os.getloadavg()[0])
-            since = time.time() - start_at
-            if since > (len(kills) + 1) * args.kill_every and len(kills) < args.max_kills:
-                if since + args.down_s + 15 > args.duration:
-                    continue  # too late for a full kill and return inside the run
-                cluster.kill(victim)
-                killed_at = time.time()
-                print(f"killed node n{victim + 1} at +{since:.1f} s", flush=True)
-                time.sleep(args.down_s)
-                cluster.restart(victim)  # returns when its streams are replicated and current again
-                kills.append((killed_at, victim, time.time()))
-                print(f"node n{victim + 1} back, streams current at +{time.time() - start_at:.1f} s", flush=True)
-                victim = (victim + 1) % 3
-        for p in procs:
-            p.join(timeout=args.duration + DRAIN_TIMEOUT_S + 60)
-        results = [json.loads(Path(o).read_text()) for o in outs if Path(o).exists()]
-        sent = {b: n for r in results for b, n in r["sent"].items()}
-        total_sent = sum(sent.values())
-        # Wait until the consumers have everything, or stop hearing anything.
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            got = set().union(*seen)
-            if len(got) >= total_sent:
-                break
-            time.sleep(1.0)
-        stop.set()
-        for c in consumers:
-            c.join(timeout=10)
-        cluster.stop()
+            names = [f"box-{i:05d}" for i in range(args.boxes)]
+            shares = [names[i :: args.workers] for i in range(args.workers)]
+            start_at = time.time() + 5.0 + args.boxes / 200  # time to connect every box first
+            ctx = mp.get_context("spawn")
+            outs = [f"{tmp}/worker{i}.json" for i in range(args.workers)]
+            procs = [
+                ctx.Process(
+                    target=box_worker,
+                    args=(share, cluster.mqtt_hosts(), args.rate, args.duration, f"{tmp}/state", start_at, out),
+                )
+                for share, out in zip(shares, outs, strict=True)
+                if share
+            ]
+            for p in procs:
+                p.start()
+            kills: list[tuple[float, int, float]] = []  # (killed at, node, whole and current again at)
+            load: list[float] = []
+            victim = 0
+            while time.time() < start_at + args.duration:
+                time.sleep(1.0)
+                load.append(os.getloadavg()[0])
+                since = time.time() - start_at
+                if since > (len(kills) + 1) * args.kill_every and len(kills) < args.max_kills:
+                    if since + args.down_s + 15 > args.duration:
+                        continue  # too late for a full kill and return inside the run
+                    cluster.kill(victim)
+                    killed_at = time.time()
+                    print(f"killed node n{victim + 1} at +{since:.1f} s", flush=True)
+                    time.sleep(args.down_s)
+                    cluster.restart(victim)  # returns when its streams are replicated and current again
+                    kills.append((killed_at, victim, time.time()))
+                    print(f"node n{victim + 1} back, streams current at +{time.time() - start_at:.1f} s", flush=True)
+                    victim = (victim + 1) % 3
+            for p in procs:
+                p.join(timeout=args.duration + DRAIN_TIMEOUT_S + 60)
+            results = [json.loads(Path(o).read_text()) for o in outs if Path(o).exists()]
+            sent = {b: n for r in results for b, n in r["sent"].items()}
+            total_sent = sum(sent.values())
+            # Wait until the consumers have everything, or stop hearing anything.
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                got = set().union(*seen)
+                if len(got) >= total_sent:
+                    break
+                time.sleep(1.0)
+            stop.set()
+            for c in consumers:
+                c.join(timeout=10)
+        finally:  # a failed run must not leave nodes or box processes behind
+            stop.set()
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
+            cluster.stop()
 
     arrivals: Seen = {}
     for member in seen:
@@ -214,7 +224,11 @@ def main() -> int:
             arrivals.setdefault(k, []).extend(v)
     received = len(arrivals)
     duplicates = sum(len(v) - 1 for v in arrivals.values())
-    lost = sum(1 for b, n in sent.items() for i in range(1, n + 1) if f"{b}:{i}" not in arrivals)
+    spooled = {b: d for r in results for b, d in r["depth"].items()}
+    missing = {b: sum(1 for i in range(1, n + 1) if f"{b}:{i}" not in arrivals) for b, n in sent.items()}
+    # Not received and not in the box's spool either: gone. Still spooled when the run ended: late.
+    lost_by_box = {b: max(0, m - spooled.get(b, 0)) for b, m in missing.items()}
+    lost = sum(lost_by_box.values())
     # Order at each member: an event handed out after a later event of the same box.
     out_of_order = 0
     for member in seen:
@@ -260,11 +274,12 @@ def main() -> int:
     print(f"boxes: {args.boxes} in {len(procs)} processes, {args.rate:g} event/s each, {span:g} s; "
           f"{len(kills)} node kill(s), {args.down_s:g} s down each; {args.consumers} consumer(s)")  # fmt: skip
     print(f"events sent: {total_sent}  received: {received}  lost: {lost}  duplicated: {duplicates}  "
-          f"out of order: {out_of_order}  left in spools: {sum(r['depth'] for r in results)}")  # fmt: skip
-    per_box_lost = sum(1 for b, n in sent.items() if any(f"{b}:{i}" not in arrivals for i in range(1, n + 1)))
+          f"out of order: {out_of_order}  still spooled (late, not lost): {sum(spooled.values())}")  # fmt: skip
+    per_box_lost = sum(1 for m in lost_by_box.values() if m)
     print(f"per box: {len(sent)} boxes, {per_box_lost} with a loss, sent {min(sent.values(), default=0)}"
           f"-{max(sent.values(), default=0)} each; box failovers: {sum(r['failovers'] for r in results)}")  # fmt: skip
-    print(f"throughput: {total_sent / span:.0f} events/s offered, {received / span:.0f} events/s received")
+    print(f"throughput: {total_sent / span:.0f} events/s offered (target {args.boxes * args.rate:.0f}), "
+          f"{received / span:.0f} events/s received")  # fmt: skip
     ms = 1000.0
     p50, p99 = percentile(all_lat, 0.5) * ms, percentile(all_lat, 0.99) * ms
     print(f"latency box->consumer: p50 {p50:.0f} ms, p99 {p99:.0f} ms (all); "
@@ -274,7 +289,7 @@ def main() -> int:
           + (", ".join(f"{r:.1f} s" for r in recoveries) or "no box was on a killed node"))  # fmt: skip
     print(f"load average (1 min) during the run: max {max(load, default=0):.1f}, "
           f"mean {sum(load) / max(1, len(load)):.1f} on {os.cpu_count()} CPUs")  # fmt: skip
-    return 0 if lost == 0 and not any(r["depth"] for r in results) else 1
+    return 0 if lost == 0 and not any(spooled.values()) else 1
 
 
 if __name__ == "__main__":

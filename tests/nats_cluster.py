@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -36,15 +37,34 @@ def nats_binary() -> str | None:
     )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _free_ports(n: int) -> list[int]:
+    """Free loopback ports below the kernel's ephemeral range.
+
+    A killed node is restarted on its ports; with hundreds of clients reconnecting meanwhile, a
+    port from the ephemeral range can be taken as some client's local port and the restart fails.
+    """
+    low, _ = _ephemeral_range()
+    lo = 10_000 if low > 12_000 else 1024
+    hi = low if low > 12_000 else 65_535
+    chosen: list[int] = []
+    for port in random.sample(range(lo, hi), min(hi - lo, 2000)):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError(f"no {n} free loopback ports between {lo} and {hi}")
 
 
 class NatsNode:
@@ -183,7 +203,8 @@ class NatsCluster:
         while waiting:
             for node in list(waiting):
                 if not node.running:
-                    raise RuntimeError(f"nats-server {node.name} exited:\n{node.log()[-3000:]}")
+                    code = node.proc.returncode if node.proc else None
+                    raise RuntimeError(f"nats-server {node.name} exited ({code}):\n{node.log()[-3000:]}")
                 if node.mqtt_ready():
                     waiting.remove(node)
             if waiting and time.monotonic() - started > timeout:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serenbox.device.config import from_dict
+from serenbox.device.config import ConfigError, from_dict
 from serenbox.device.sinks.mqtt import MqttSink
 
 from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, retained
@@ -92,6 +92,31 @@ def healthy(cluster: NatsCluster):
     for i, node in enumerate(cluster.nodes):
         if not node.running:
             cluster.restart(i)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "host", "message"),
+    [
+        ("a:1", None, "mqtt.hosts: expected a list"),
+        (["a:1"], "b", "set either mqtt.host (one broker) or mqtt.hosts"),
+        (["a:99999"], None, "mqtt.hosts[0]: port 99999 is out of range"),
+        (["ok:1", "a b"], None, "mqtt.hosts[1]: 'a b' is not host:port"),
+        (["::1"], None, "mqtt.hosts[0]: '::1' is not host:port (an IPv6 address goes in brackets"),
+        (["a:1", "a:1"], None, "mqtt.hosts: the same node is listed twice"),
+        ([f"n{i}:1" for i in range(33)], None, "mqtt.hosts: more than 32 entries"),
+    ],
+)
+def test_bad_mqtt_hosts_are_refused_naming_the_key(hosts: Any, host: str | None, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict({"mqtt": {"hosts": hosts, "host": host}}, env={})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mqtt_hosts_parse_to_nodes_with_the_default_port() -> None:
+    cfg = from_dict({"mqtt": {"hosts": ["n1.example:1884", "[fd00::2]:8883", "n3"], "port": 1999}}, env={})
+    assert cfg.mqtt.nodes() == [("n1.example", 1884), ("fd00::2", 8883), ("n3", 1999)]
+    assert from_dict({"mqtt": {"host": "one"}}, env={}).mqtt.nodes() == [("one", 1883)]
+    assert from_dict({}, env={}).mqtt.nodes() == []
 
 
 @needs_nats
