@@ -22,10 +22,10 @@ from serenbox.device.config import ConfigError, from_dict
 from serenbox.device.sinks.mqtt import MqttSink
 
 from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, retained
-from tests.nats_cluster import NatsCluster, nats_binary
 
 pytest.importorskip("nats", reason="the fleet extra (nats-py) is not installed")
 from serenbox.nats_group import NatsGroup
+from tests.nats_cluster import NatsCluster, nats_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_nats = pytest.mark.skipif(nats_binary() is None, reason="nats-server is not installed")
