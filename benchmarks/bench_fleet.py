@@ -53,7 +53,8 @@ def box_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sinks: dict[str, MqttSink] = {}
     for b in boxes:
-        m = {"hosts": hosts, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0, "keepalive": 10, "protocol": "3.1.1"}
+        m = {"hosts": hosts, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0, "keepalive": 10, "protocol": "3.1.1",
+             "ack_timeout_s": 10}  # fmt: skip
         # A company fleet has no Home Assistant: no discovery config retained per box in the cluster.
         cfg = {"device_id": b, "state_dir": f"{state}/{b}", "mqtt": m, "homeassistant": {"discovery": False}}
         sinks[b] = MqttSink(from_dict(cfg, env={}))

@@ -147,6 +147,9 @@ class MqttConfig:
     stats_interval_s: float = _f(60.0, **_range(1, 86400))
     reconnect_min_s: float = _f(1.0, **_range(0.1, 600))
     reconnect_max_s: float = _f(30.0, **_range(0.1, 3600))
+    # Events handed to the broker and no PUBACK for this long: the connection is dropped and made
+    # again (on the next node of `hosts`); a broker that stalls must not hold the spool forever.
+    ack_timeout_s: float = _f(30.0, **_range(1, 3600))
 
     def nodes(self) -> list[tuple[str, int]]:
         """The brokers to connect to, in failover order: `hosts`, or `host` alone; empty: no MQTT."""

@@ -6,9 +6,11 @@ module and restored after each test) and mosquitto (tests/mosquitto.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import pytest
 from serenbox.device.config import ConfigError, from_dict
 from serenbox.device.sinks.mqtt import MqttSink
 
-from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, retained
+from tests.mosquitto import Mosquitto, Mqtt311OnlyGateway, Watcher, mosquitto_binary, retained
 
 pytest.importorskip("nats", reason="the fleet extra (nats-py) is not installed")
 from serenbox.nats_group import NatsGroup
@@ -219,6 +221,73 @@ def test_a_late_last_will_is_answered_with_online(tmp_path: Path) -> None:
         finally:
             sink.close()
         assert retained(broker, "serenbox/box-w/availability") == b"offline"  # a clean stop still says so
+
+
+class AckEater:
+    """A loopback relay in front of a real broker that swallows every PUBACK on its first
+    connection (pings still answered): a broker that took the events and never acknowledges."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.connections = 0
+        self.swallowed = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections == 1), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, swallow: bool) -> None:
+        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
+            threading.Thread(target=self._up, args=(conn, up), daemon=True).start()
+            while packet := Mqtt311OnlyGateway._read_packet(up):
+                if swallow and packet[0] >> 4 == 4:  # PUBACK
+                    self.swallowed += 1
+                    continue
+                conn.sendall(packet)
+
+    @staticmethod
+    def _up(conn: socket.socket, up: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                up.sendall(data)
+        with contextlib.suppress(OSError):
+            up.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@needs_mosquitto
+def test_a_broker_that_never_acknowledges_is_left_and_nothing_is_lost(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        relay = AckEater(broker)
+        sent = [event("box-s", i) for i in range(1, 11)]
+        with Watcher(broker, ["serenbox/box-s/events"]) as w:
+            sink = MqttSink(config(tmp_path, "box-s", [f"127.0.0.1:{relay.port}"], ack_timeout_s=2))
+            sink.start()
+            try:
+                wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+                for e in sent:
+                    sink.emit(e)
+                # Held without PUBACK on the first connection; dropped after 2 s, sent again on the next.
+                wait(lambda: sink.counters()["spool_depth"] == 0, timeout=20, what="spool drained")
+            finally:
+                sink.close()
+                relay.close()
+            w.wait_for(lambda: {e["id"] for e in sent} <= set(ids_of(w)), what="every event at the broker")
+        assert relay.swallowed >= 1 and relay.connections >= 2
+
+
+def ids_of(w: Watcher) -> list[str]:
+    return [json.loads(m.payload)["id"] for m in w.messages]
 
 
 MEMBER = """

@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -155,6 +156,8 @@ class MqttSink(Sink):
         # Last rowid and last memory number handed to paho on this connection (backlog.advance).
         self._cursor = (0, 0)
         self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
+        # When the window last moved: an ack came, or the first event went into an empty window.
+        self._ack_progress_at = 0.0
         self._published = 0
         self._state_sent: str | None = None
         self._state_sent_at = -1e9
@@ -507,6 +510,8 @@ class MqttSink(Sink):
                 mids, self._acked_mids = self._acked_mids, []
                 rejected, self._rejected_mids = self._rejected_mids, []
             acked = [key for key in (self._inflight.pop(mid, None) for mid in mids) if key is not None]
+            if mids or rejected:
+                self._ack_progress_at = time.monotonic()
             self._published += len(acked)
             refused = sum(self._inflight.pop(mid, None) is not None for mid in rejected)
             if refused:
@@ -544,11 +549,16 @@ class MqttSink(Sink):
     def _pump(self) -> None:
         with self._pub:
             self._collect_acks()
+            if self._connected and self._inflight and self._ack_due_in() == 0.0:
+                self._cut_stalled_connection()
+                return
             while self._connected:
                 room = WINDOW - len(self._inflight)
                 if room <= 0:
                     return
                 rows = self._backlog.after(self._cursor, room)
+                if rows and not self._inflight:
+                    self._ack_progress_at = time.monotonic()
                 for key, payload in rows:
                     info = self._client.publish(self.topics.events, payload, qos=1)
                     self._inflight[info.mid] = key
@@ -556,9 +566,31 @@ class MqttSink(Sink):
                 if len(rows) < room:
                     return
 
+    def _ack_due_in(self) -> float | None:
+        """Seconds until unacknowledged events count as stalled (None: nothing in flight)."""
+        if not self._connected or not self._inflight:
+            return None
+        return max(0.0, self._ack_progress_at + self._m.ack_timeout_s - time.monotonic())
+
+    def _cut_stalled_connection(self) -> None:
+        """The broker holds our events without a PUBACK (a node stuck in a leader election, a
+        half-dead link that still answers pings): drop the socket, and paho's loop reconnects,
+        to the next node of a cluster. Needs `_pub`."""
+        log.warning(
+            "no PUBACK from MQTT broker %s for %.0f s (%d event(s) waiting): dropping the connection",
+            self._where(),
+            self._m.ack_timeout_s,
+            len(self._inflight),
+        )
+        self._ack_progress_at = time.monotonic()  # once per stall, not on every wake-up
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _due_in(self) -> float | None:
         """Seconds until the publisher has something to do by the clock (None: only when woken)."""
-        waits = [w for w in (self._state_due_in(), self._availability_due_in()) if w is not None]
+        waits = [w for w in (self._state_due_in(), self._availability_due_in(), self._ack_due_in()) if w is not None]
         if self._reassert and self._connected:
             waits.append(max(0.0, self._availability_at + REASSERT_MIN_S - time.monotonic()))
         if self._backlog.has_undeleted():
