@@ -49,7 +49,13 @@ def box_worker(
     boxes: list[str], hosts: list[str], rate: float, duration: float, state: str, start_at: float, out: str
 ) -> None:
     """One process: its share of boxes, each a real MqttSink; writes what it sent and saw to `out`."""
-    logging.basicConfig(level=logging.ERROR)
+    keep = os.environ.get("BENCH_FLEET_KEEP_LOGS")
+    if keep:  # the boxes' own log, one file per worker process
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        fmt = "%(created).3f %(threadName)s %(message)s"  # paho's thread is named after the client id
+        logging.basicConfig(level=logging.INFO, filename=f"{keep}/{Path(out).stem}.log", format=fmt)
+    else:
+        logging.basicConfig(level=logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sinks: dict[str, MqttSink] = {}
     for b in boxes:
@@ -103,10 +109,14 @@ def box_worker(
         time.sleep(0.1)
     sample(time.time())
     depth = {b: s.counters()["spool_depth"] for b, s in sinks.items()}
+    stuck = {b: {k: sinks[b].counters()[k] for k in ("mqtt_connected", "mqtt_node", "mqtt_failovers")}
+             for b in boxes if depth[b]}  # fmt: skip
     failovers = sum(s.counters()["mqtt_failovers"] for s in sinks.values())
     for s in sinks.values():
         s.close()
-    Path(out).write_text(json.dumps({"sent": sent, "transitions": transitions, "depth": depth, "failovers": failovers}))
+    Path(out).write_text(
+        json.dumps({"sent": sent, "transitions": transitions, "depth": depth, "failovers": failovers, "stuck": stuck})
+    )
 
 
 Seen = dict[str, list[tuple[float, float]]]  # event id -> (arrival, sent_at) per delivery
@@ -211,6 +221,11 @@ def main() -> int:
             stop.set()
             for c in consumers:
                 c.join(timeout=10)
+            if os.environ.get("BENCH_FLEET_KEEP_LOGS"):
+                for node in cluster.nodes:
+                    keep = Path(os.environ["BENCH_FLEET_KEEP_LOGS"])
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"{node.name}.log").write_text(node.log())
         finally:  # a failed run must not leave nodes or box processes behind
             stop.set()
             for p in procs:
@@ -279,6 +294,9 @@ def main() -> int:
     per_box_lost = sum(1 for m in lost_by_box.values() if m)
     print(f"per box: {len(sent)} boxes, {per_box_lost} with a loss, sent {min(sent.values(), default=0)}"
           f"-{max(sent.values(), default=0)} each; box failovers: {sum(r['failovers'] for r in results)}")  # fmt: skip
+    stuck = {b: v for r in results for b, v in r.get("stuck", {}).items()}
+    if stuck:
+        print(f"boxes with events still spooled at the end: {len(stuck)}, e.g. {dict(list(stuck.items())[:3])}")
     print(f"throughput: {total_sent / span:.0f} events/s offered (target {args.boxes * args.rate:.0f}), "
           f"{received / span:.0f} events/s received")  # fmt: skip
     ms = 1000.0
