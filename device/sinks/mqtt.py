@@ -14,11 +14,12 @@ Locks (acquired only in this order, so paho's callbacks cannot deadlock with the
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
 `on_publish` holding its message lock, so that callback only touches `_cond`.
 
-A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. Every
-reconnect after a lost connection or a failed attempt goes to the next node in the list (the
+A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. After
+a lost connection or an unreachable node the next attempt goes to the next node in the list (the
 first one tried is picked from the device id, so a fleet spreads over the nodes); a node that
-returns is used again when its turn comes. Nothing is lost or reordered across a switch: the
-spool replays from its oldest unacknowledged row on every connect, whichever node it is. A node
+returns is used again when its turn comes; a node that answers but refuses is tried again first.
+Nothing is lost or reordered across a switch: the spool replays from its oldest unacknowledged
+row on every connect, whichever node it is. A node
 that lost the box without noticing (a partition, a half-open socket) may publish the Last Will
 `offline` after the box is `online` elsewhere: the box reads its own availability topic and says
 `online` again when it sees that.
@@ -74,33 +75,24 @@ ANNOUNCE_DELAY_S = (0.5, 3.0)
 REMOVE_TIMEOUT_S = 10.0
 # A stale `offline` is answered at most this often, so two boxes sharing an id cannot flood the broker.
 REASSERT_MIN_S = 1.0
+# Attempts on a node that answers but refuses (or closes before CONNACK) before moving on.
+MAX_STAYS = 2
 
 
 class _NodeClient(mqtt.Client):
     """A paho client that asks which node to dial before every connection attempt.
 
-    paho's loop retries the address it was first given with a delay that doubles on every
-    failure; a cluster wants the next node instead, and each node of a round tried after the
-    shortest delay: the delay grows only between rounds (with one node, every attempt is a round).
-    """
+    paho's loop retries the address it was first given; a cluster wants the next node instead."""
 
-    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int, int, int]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pick = pick
         self._first_attempt = True
-        self._round_delay: float | None = None  # the last wait between rounds; None: the minimum
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # Runs on paho's network thread with the socket closed: the address may change here.
-        host, port, attempt, nodes = self._pick(self._first_attempt)
+        self._host, self._port = self._pick(self._first_attempt)
         self._first_attempt = False
-        self._host, self._port = host, port
-        # paho's private delay (paho 2.x): what it waited last; None makes the next wait the
-        # minimum, a value makes it double that.
-        with self._reconnect_delay_mutex:
-            if (attempt - 1) % nodes == 0:  # the wait just done followed a lost connection or a round
-                self._round_delay = self._reconnect_delay
-            self._reconnect_delay = self._round_delay if attempt % nodes == 0 else None  # type: ignore[assignment]
         return super().reconnect()
 
 
@@ -130,7 +122,10 @@ class MqttSink(Sink):
         # Where a box starts in the list: spread over the nodes by device id, the same on every start.
         self._node = zlib.crc32(cfg.device_id.encode()) % len(self._nodes)
         self._failovers = 0
-        self._attempts = 0  # connection attempts since the last connection (rounds over the nodes)
+        # How the last attempt or connection ended: "lost" (was connected), "unreachable" (no TCP),
+        # "refused" (no CONNACK, or a refusing one). Guarded by paho's network thread.
+        self._outcome = "unreachable"
+        self._stays = 0  # attempts in a row on the same node after it answered and refused
         # With a clean session, QoS 1 on a subscription buys nothing a QoS 0 one lacks: nothing is
         # redelivered after a reconnect either way. On NATS each QoS 1 subscription is a replicated
         # JetStream consumer, created and deleted on every connect, which stalls a failover while the
@@ -302,29 +297,35 @@ class MqttSink(Sink):
         host, port = self._nodes[self._node]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _pick_node(self, first_attempt: bool) -> tuple[str, int, int, int]:
-        """The node for the next connection attempt, the attempt's number since the last
-        connection and the number of nodes (paho's network thread)."""
+    def _pick_node(self, first_attempt: bool) -> tuple[str, int]:
+        """The node for the next connection attempt (paho's network thread).
+
+        A node that is gone (no TCP, or a connection lost) is left for the next one. A node that
+        answered but closed before CONNACK is tried again (twice): NATS does that to a client id
+        that hops between nodes faster than once a second, and hopping on would never end."""
         # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
-        # re-dials the node that refused MQTT 5); any later attempt moves on.
+        # re-dials the node that refused MQTT 5).
         if not first_attempt and len(self._nodes) > 1:
-            self._node = (self._node + 1) % len(self._nodes)
-            self._failovers += 1
-            log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
-        self._attempts += 1
-        host, port = self._nodes[self._node]
-        return host, port, self._attempts, len(self._nodes)
+            if self._outcome in ("lost", "unreachable") or self._stays >= MAX_STAYS:
+                self._node = (self._node + 1) % len(self._nodes)
+                self._failovers += 1
+                self._stays = 0
+                log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
+            else:
+                self._stays += 1
+        return self._nodes[self._node]
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
     ) -> None:
         if reason.is_failure:
+            self._outcome = "refused"
             self._on_refused(reason)
             return
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
-            self._attempts = 0
+            self._stays = 0
             with self._cond:
                 self._reassert = False  # `online` goes out just below
             self._publish_availability(client)
@@ -389,6 +390,7 @@ class MqttSink(Sink):
             )
 
     def _on_connect_fail(self, _client: mqtt.Client, _u: Any) -> None:
+        self._outcome = "unreachable"
         if self._refusal_logged != "unreachable":
             self._refusal_logged = "unreachable"
             log.warning(
@@ -403,6 +405,7 @@ class MqttSink(Sink):
         with self._pub:
             was_connected = self._connected
             self._reset_connection(connected=False)
+        self._outcome = "lost" if was_connected else "refused"
         if was_connected and not self._stopping:
             log.warning(
                 "MQTT connection lost (%s) on %s; spooling and reconnecting%s",
