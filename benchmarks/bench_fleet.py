@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -43,6 +44,7 @@ from tests.nats_cluster import NatsCluster  # noqa: E402
 # steady state the latency target is about.
 FAILOVER_MARGIN_S = 2.0
 DRAIN_TIMEOUT_S = 120.0
+BOXES_PER_PROCESS = 100
 
 
 def box_worker(
@@ -153,6 +155,9 @@ def main() -> int:
     if args.boxes < 1 or args.rate <= 0 or args.duration <= 0 or args.workers < 1 or args.consumers < 1:
         ap.error("--boxes, --rate, --duration, --workers and --consumers must be positive")
     logging.basicConfig(level=logging.ERROR)
+    # paho waits on its sockets with select(), which cannot watch a descriptor above 1023; a box
+    # uses about 7 (socket, wake-up pair, SQLite files), so a process holds at most this many.
+    workers = max(args.workers, math.ceil(args.boxes / BOXES_PER_PROCESS))
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         cluster = NatsCluster(Path(tmp) / "nats")
@@ -174,10 +179,10 @@ def main() -> int:
                 c.start()
 
             names = [f"box-{i:05d}" for i in range(args.boxes)]
-            shares = [names[i :: args.workers] for i in range(args.workers)]
+            shares = [names[i::workers] for i in range(workers)]
             start_at = time.time() + 5.0 + args.boxes / 200  # time to connect every box first
             ctx = mp.get_context("spawn")
-            outs = [f"{tmp}/worker{i}.json" for i in range(args.workers)]
+            outs = [f"{tmp}/worker{i}.json" for i in range(workers)]
             procs = [
                 ctx.Process(
                     target=box_worker,
