@@ -319,15 +319,15 @@ def cmd_ha_remove(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    if not cfg.mqtt.host:
+    if not cfg.mqtt.nodes():
         # Without a broker nothing was ever announced: nothing to remove is not a failure.
         print("serenbox ha-remove: mqtt.host is not set; nothing to remove", file=sys.stderr)
         return EXIT_OK
     try:
-        topic = remove_discovery(cfg)
+        topic, where = remove_discovery(cfg)
     except ConnectionError as e:
         raise UsageError(str(e)) from None
-    print(f"serenbox ha-remove: cleared {topic} on {cfg.mqtt.host}:{cfg.mqtt.port}", file=sys.stderr)
+    print(f"serenbox ha-remove: cleared {topic} on {where}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -39,6 +39,9 @@ SHOW_CHARS = 60  # of a bad value in an error message: enough to recognise it, n
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# mqtt.hosts entries: a name or IPv4 address, or an IPv6 address in brackets; an optional :port.
+NODE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>[0-9]{1,5}))?")
+MAX_NODES = 32
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -133,6 +136,8 @@ class SpoolConfig:
 class MqttConfig:
     host: str | None = _f(None, kind="host")  # None: no MQTT; events go to stdout
     port: int = _f(1883, **_range(1, 65535))
+    # A broker cluster: "host:port" per node (port defaults to `port`); the box fails over in turn.
+    hosts: list[str] = field(default_factory=list, metadata={"kind": "node", "max_items": MAX_NODES})
     topic_prefix: str = _f("serenbox", kind="topic")
     client_id: str | None = _f(None, kind="text", max_len=128)  # None: serenbox-<device_id>
     keepalive: int = _f(30, **_range(5, 3600))
@@ -145,6 +150,27 @@ class MqttConfig:
     stats_interval_s: float = _f(60.0, **_range(1, 86400))
     reconnect_min_s: float = _f(1.0, **_range(0.1, 600))
     reconnect_max_s: float = _f(30.0, **_range(0.1, 3600))
+    # Events handed to the broker and no PUBACK for this long: the connection is dropped and made
+    # again (on the next node of `hosts`); a broker that stalls must not hold the spool forever.
+    ack_timeout_s: float = _f(30.0, **_range(1, 3600))
+
+    def nodes(self) -> list[tuple[str, int]]:
+        """The brokers to connect to, in failover order: `hosts`, or `host` alone; empty: no MQTT."""
+        if self.hosts:
+            return [split_node(f"mqtt.hosts[{i}]", text, self.port) for i, text in enumerate(self.hosts)]
+        return [(self.host, self.port)] if self.host else []
+
+
+def split_node(key: str, text: str, default_port: int) -> tuple[str, int]:
+    """ "host", "host:port", "[v6]" or "[v6]:port" -> (host, port); ConfigError naming `key` otherwise."""
+    match = NODE.fullmatch(text)
+    if not match:
+        raise ConfigError(f"{key}: {show(text)} is not host:port (an IPv6 address goes in brackets: [::1]:1883)")
+    host = match["v6"] or match["name"]
+    port = int(match["port"]) if match["port"] else default_port
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: port {port} is out of range (1 to 65535)")
+    return host, port
 
 
 @dataclass
@@ -216,6 +242,11 @@ def _check_type(key: str, value: Any, tp: Any, secret: bool = False) -> Any:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"{key}: expected a string{got}")
         return str(value)  # `source: 0` is a camera index written as a number
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list{got}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(f"{key}[{i}]", v, item, secret) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     raise ConfigError(f"{key}: unsupported type {tp}")
@@ -254,6 +285,8 @@ def _check_text(key: str, value: str, kind: str, max_len: int | None) -> str:
             )
         if value.startswith("$"):
             raise ConfigError(f"{key}:{shown} must not start with '$' (brokers reserve those topics)")
+    if kind == "node" and (not value or " " in value or len(value) > 260):
+        raise ConfigError(f"{key}:{shown} is not host:port")
     if kind == "host" and (not value or " " in value or len(value) > 253):
         raise ConfigError(f"{key}:{shown} is not a host name or address (use null to turn MQTT off)")
     if kind == "text" and not value.strip():
@@ -280,6 +313,11 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         value = _check_type(dotted, value, hints[key], secret=kind == "secret")
         if kind and isinstance(value, str):
             value = _check_text(dotted, value, kind, check.get("max_len"))
+        if isinstance(value, list):
+            if len(value) > check.get("max_items", len(value)):
+                raise ConfigError(f"{dotted}: more than {check['max_items']} entries")
+            if kind:
+                value = [_check_text(f"{dotted}[{i}]", v, kind, check.get("max_len")) for i, v in enumerate(value)]
         if check and value is not None and not isinstance(value, str):
             lo, hi = check.get("lo"), check.get("hi")
             if lo is not None and (value < lo or (check.get("lo_open") and value == lo)):
@@ -293,6 +331,11 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def _cross_checks(cfg: Config) -> None:
+    if cfg.mqtt.host and cfg.mqtt.hosts:
+        raise ConfigError("mqtt.hosts: set either mqtt.host (one broker) or mqtt.hosts (a cluster), not both")
+    nodes = cfg.mqtt.nodes()  # raises on a malformed host:port
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError("mqtt.hosts: the same node is listed twice")
     if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
     if cfg.camera.reopen_initial_s > cfg.camera.reopen_max_s:

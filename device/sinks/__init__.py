@@ -8,12 +8,12 @@ from serenbox.device.sinks.stdout import StdoutSink
 
 
 def build_sinks(cfg: Config, print_events: bool = False) -> list[Sink]:
-    """MQTT when `mqtt.host` is set (plus stdout with --print-events); stdout alone otherwise.
+    """MQTT when `mqtt.host` or `mqtt.hosts` is set (plus stdout with --print-events); stdout alone otherwise.
 
     The MQTT sink is imported only when configured, so a box without a broker never loads paho.
     """
     sinks: list[Sink] = []
-    if cfg.mqtt.host:
+    if cfg.mqtt.nodes():
         from serenbox.device.sinks.mqtt import MqttSink
 
         sinks.append(MqttSink(cfg))

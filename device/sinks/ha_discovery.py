@@ -48,7 +48,7 @@ SPOOL_DEPTH_TEMPLATE = "{{ value_json.spool_depth }}"
 
 def enabled(cfg: Config) -> bool:
     """`homeassistant.discovery`; null means on whenever there is a broker."""
-    if not cfg.mqtt.host:
+    if not cfg.mqtt.nodes():
         return False
     return cfg.homeassistant.discovery is not False
 

@@ -14,6 +14,16 @@ Locks (acquired only in this order, so paho's callbacks cannot deadlock with the
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
 `on_publish` holding its message lock, so that callback only touches `_cond`.
 
+A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. After
+a lost connection or an unreachable node the next attempt goes to the next node in the list (the
+first one tried is picked from the device id, so a fleet spreads over the nodes); a node that
+returns is used again when its turn comes; a node that answers but refuses is tried again first.
+Nothing is lost or reordered across a switch: the spool replays from its oldest unacknowledged
+row on every connect, whichever node it is. A node
+that lost the box without noticing (a partition, a half-open socket) may publish the Last Will
+`offline` after the box is `online` elsewhere: the box reads its own availability topic and says
+`online` again when it sees that.
+
 Home Assistant discovery (device/sinks/ha_discovery.py): the retained config goes out on every
 connect, and again a moment after Home Assistant says `online` on its status topic; that
 re-announcement runs on a timer thread, never on paho's network thread.
@@ -25,9 +35,12 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +73,27 @@ _SESSION_TAKEN_OVER = 0x8E
 # Home Assistant restarting says `online` to every device at once: spread the answers out.
 ANNOUNCE_DELAY_S = (0.5, 3.0)
 REMOVE_TIMEOUT_S = 10.0
+# A stale `offline` is answered at most this often, so two boxes sharing an id cannot flood the broker.
+REASSERT_MIN_S = 1.0
+# Attempts on a node that answers but refuses (or closes before CONNACK) before moving on.
+MAX_STAYS = 2
+
+
+class _NodeClient(mqtt.Client):
+    """A paho client that asks which node to dial before every connection attempt.
+
+    paho's loop retries the address it was first given; a cluster wants the next node instead."""
+
+    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pick = pick
+        self._first_attempt = True
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # Runs on paho's network thread with the socket closed: the address may change here.
+        self._host, self._port = self._pick(self._first_attempt)
+        self._first_attempt = False
+        return super().reconnect()
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -82,8 +116,21 @@ class MqttSink(Sink):
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self._m = cfg.mqtt
-        if not self._m.host:
-            raise ConfigError("mqtt.host: required for the MQTT sink")
+        self._nodes = self._m.nodes()
+        if not self._nodes:
+            raise ConfigError("mqtt.host: required for the MQTT sink (or mqtt.hosts for a cluster)")
+        # Where a box starts in the list: spread over the nodes by device id, the same on every start.
+        self._node = zlib.crc32(cfg.device_id.encode()) % len(self._nodes)
+        self._failovers = 0
+        # How the last attempt or connection ended: "lost" (was connected), "unreachable" (no TCP),
+        # "refused" (no CONNACK, or a refusing one). Guarded by paho's network thread.
+        self._outcome = "unreachable"
+        self._stays = 0  # attempts in a row on the same node after it answered and refused
+        # With a clean session, QoS 1 on a subscription buys nothing a QoS 0 one lacks: nothing is
+        # redelivered after a reconnect either way. On NATS each QoS 1 subscription is a replicated
+        # JetStream consumer, created and deleted on every connect, which stalls a failover while the
+        # cluster elects leaders (docs/fleet.md); so a cluster box subscribes at QoS 0.
+        self._subscribe_qos = 0 if len(self._nodes) > 1 else 1
         self._check_tls_files()
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
@@ -104,6 +151,8 @@ class MqttSink(Sink):
         # Last rowid and last memory number handed to paho on this connection (backlog.advance).
         self._cursor = (0, 0)
         self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
+        # When the window last moved: an ack came, or the first event went into an empty window.
+        self._ack_progress_at = 0.0
         self._published = 0
         self._state_sent: str | None = None
         self._state_sent_at = -1e9
@@ -118,6 +167,7 @@ class MqttSink(Sink):
         self._state_latest: str | None = None
         self._handler: CommandHandler | None = None
         self._refusal_logged: str | None = None
+        self._reassert = False
 
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="serenbox-mqtt", daemon=True)
@@ -166,6 +216,8 @@ class MqttSink(Sink):
             "mqtt_published": self._published,
             "mqtt_rejected": self._rejected,
             "mqtt_connected": self._connected,
+            "mqtt_node": self._where(),
+            "mqtt_failovers": self._failovers,
             "stats_interval_s": self._m.stats_interval_s,
         }
 
@@ -211,8 +263,9 @@ class MqttSink(Sink):
 
     def _make_client(self) -> mqtt.Client:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        client = mqtt.Client(
+        client = _NodeClient(
             CallbackAPIVersion.VERSION2,
+            pick=self._pick_node,
             client_id=self._client_id,
             protocol=self._protocol,
             # A clean session: the spool is what remembers unsent events, never the broker.
@@ -236,32 +289,60 @@ class MqttSink(Sink):
     def _connect(self, client: mqtt.Client) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
-        client.connect_async(self._m.host, self._m.port, keepalive=self._m.keepalive, **kwargs)
+        host, port = self._nodes[self._node]
+        client.connect_async(host, port, keepalive=self._m.keepalive, **kwargs)
         client.loop_start()
+
+    def _where(self) -> str:
+        host, port = self._nodes[self._node]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _pick_node(self, first_attempt: bool) -> tuple[str, int]:
+        """The node for the next connection attempt (paho's network thread).
+
+        A node that is gone (no TCP, or a connection lost) is left for the next one. A node that
+        answered but closed before CONNACK is tried again (twice): NATS does that to a client id
+        that hops between nodes faster than once a second, and hopping on would never end."""
+        # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
+        # re-dials the node that refused MQTT 5).
+        if not first_attempt and len(self._nodes) > 1:
+            if self._outcome in ("lost", "unreachable") or self._stays >= MAX_STAYS:
+                self._node = (self._node + 1) % len(self._nodes)
+                self._failovers += 1
+                self._stays = 0
+                log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
+            else:
+                self._stays += 1
+        return self._nodes[self._node]
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
     ) -> None:
         if reason.is_failure:
+            self._outcome = "refused"
             self._on_refused(reason)
             return
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
+            self._stays = 0
+            with self._cond:
+                self._reassert = False  # `online` goes out just below
             self._publish_availability(client)
+            qos = self._subscribe_qos
             if self._protocol == MQTTProtocolVersion.MQTTv5:
                 # retainHandling 2: a retained command is never delivered on subscribe.
-                client.subscribe(self.topics.set, options=mqtt.SubscribeOptions(qos=1, retainHandling=2))
+                once = mqtt.SubscribeOptions(qos=qos, retainHandling=2)
+                client.subscribe([(self.topics.set, once), (self.topics.availability, once)])
             else:
-                client.subscribe(self.topics.set, qos=1)
+                client.subscribe([(self.topics.set, qos), (self.topics.availability, qos)])
             if self._ha_topic:
                 self._announce(client)
-                client.subscribe(self._ha_status, qos=1)
+                client.subscribe(self._ha_status, qos=qos)
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
-            "connected to MQTT broker %s:%d (MQTT %s); %d spooled event(s) to send",
-            self._m.host,
-            self._m.port,
+            "connected to MQTT broker %s (MQTT %s); %d spooled event(s) to send",
+            self._where(),
             "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
             len(self._backlog),
         )
@@ -289,7 +370,7 @@ class MqttSink(Sink):
     def _on_refused(self, reason: ReasonCode) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         if self._m.protocol == "auto" and v5 and reason.value in _UNSUPPORTED_PROTOCOL:
-            log.warning("MQTT broker %s:%d does not accept MQTT 5; falling back to 3.1.1", self._m.host, self._m.port)
+            log.warning("MQTT broker %s does not accept MQTT 5; falling back to 3.1.1", self._where())
             with self._cond:
                 self._fallback = True
                 self._kick = True
@@ -302,21 +383,20 @@ class MqttSink(Sink):
             if reason.value in (4, 5, 0x86, 0x87):
                 hint = "; check mqtt.username and mqtt.password (or SERENBOX_MQTT_PASSWORD)"
             log.error(
-                "MQTT broker %s:%d refused the connection: %s%s; events are spooled, retrying",
-                self._m.host,
-                self._m.port,
+                "MQTT broker %s refused the connection: %s%s; events are spooled, retrying",
+                self._where(),
                 text.lower(),
                 hint,
             )
 
     def _on_connect_fail(self, _client: mqtt.Client, _u: Any) -> None:
+        self._outcome = "unreachable"
         if self._refusal_logged != "unreachable":
             self._refusal_logged = "unreachable"
             log.warning(
-                "could not connect to MQTT broker %s:%d (unreachable, or the TLS handshake failed); "
+                "could not connect to MQTT broker %s (unreachable, or the TLS handshake failed); "
                 "events are spooled, retrying",
-                self._m.host,
-                self._m.port,
+                self._where(),
             )
 
     def _on_disconnect(
@@ -325,8 +405,14 @@ class MqttSink(Sink):
         with self._pub:
             was_connected = self._connected
             self._reset_connection(connected=False)
+        self._outcome = "lost" if was_connected else "refused"
         if was_connected and not self._stopping:
-            log.warning("MQTT connection lost (%s); spooling and reconnecting", str(reason).lower())
+            log.warning(
+                "MQTT connection lost (%s) on %s; spooling and reconnecting%s",
+                str(reason).lower(),
+                self._where(),
+                " to the next node" if len(self._nodes) > 1 else "",
+            )
             if reason.value == _SESSION_TAKEN_OVER:
                 log.error(
                     "another MQTT client connected with this client id (%s): is device_id %r used by two boxes?",
@@ -344,6 +430,15 @@ class MqttSink(Sink):
             self._cond.notify()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.availability:
+            # A Last Will fired late by a node this box has left: it is up, so say so again.
+            if msg.payload == b"offline":
+                with self._cond:
+                    if not self._stopping:
+                        self._reassert = True
+                        self._kick = True
+                        self._cond.notify()
+            return
         if msg.topic == self._ha_status:
             if self._ha_topic and msg.payload.strip() == ha_discovery.ONLINE:
                 self._schedule_announce()
@@ -418,6 +513,8 @@ class MqttSink(Sink):
                 mids, self._acked_mids = self._acked_mids, []
                 rejected, self._rejected_mids = self._rejected_mids, []
             acked = [key for key in (self._inflight.pop(mid, None) for mid in mids) if key is not None]
+            if mids or rejected:
+                self._ack_progress_at = time.monotonic()
             self._published += len(acked)
             refused = sum(self._inflight.pop(mid, None) is not None for mid in rejected)
             if refused:
@@ -437,13 +534,13 @@ class MqttSink(Sink):
                 if not self._kick and not self._stopping:
                     self._cond.wait(timeout=self._due_in())
                 self._kick = False
-                stopping, fallback = self._stopping, self._fallback
+                stopping, fallback, reassert = self._stopping, self._fallback, self._reassert
                 self._fallback = False
             try:
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
-                self._refresh_availability()
+                self._refresh_availability(reassert)
                 # At shutdown the rate limit yields: the retained state must be the last one.
                 self._publish_state(force=stopping)
             except Exception:  # keep spooling whatever happens; the next wake-up retries
@@ -455,11 +552,16 @@ class MqttSink(Sink):
     def _pump(self) -> None:
         with self._pub:
             self._collect_acks()
+            if self._connected and self._inflight and self._ack_due_in() == 0.0:
+                self._cut_stalled_connection()
+                return
             while self._connected:
                 room = WINDOW - len(self._inflight)
                 if room <= 0:
                     return
                 rows = self._backlog.after(self._cursor, room)
+                if rows and not self._inflight:
+                    self._ack_progress_at = time.monotonic()
                 for key, payload in rows:
                     info = self._client.publish(self.topics.events, payload, qos=1)
                     self._inflight[info.mid] = key
@@ -467,9 +569,33 @@ class MqttSink(Sink):
                 if len(rows) < room:
                     return
 
+    def _ack_due_in(self) -> float | None:
+        """Seconds until unacknowledged events count as stalled (None: nothing in flight)."""
+        if not self._connected or not self._inflight:
+            return None
+        return max(0.0, self._ack_progress_at + self._m.ack_timeout_s - time.monotonic())
+
+    def _cut_stalled_connection(self) -> None:
+        """The broker holds our events without a PUBACK (a node stuck in a leader election, a
+        half-dead link that still answers pings): drop the socket, and paho's loop reconnects,
+        to the next node of a cluster. Needs `_pub`."""
+        log.warning(
+            "no PUBACK from MQTT broker %s for %.0f s (%d event(s) waiting): dropping the connection",
+            self._where(),
+            self._m.ack_timeout_s,
+            len(self._inflight),
+        )
+        self._ack_progress_at = time.monotonic()  # once per stall, not on every wake-up
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _due_in(self) -> float | None:
         """Seconds until the publisher has something to do by the clock (None: only when woken)."""
-        waits = [w for w in (self._state_due_in(), self._availability_due_in()) if w is not None]
+        waits = [w for w in (self._state_due_in(), self._availability_due_in(), self._ack_due_in()) if w is not None]
+        if self._reassert and self._connected:
+            waits.append(max(0.0, self._availability_at + REASSERT_MIN_S - time.monotonic()))
         if self._backlog.has_undeleted():
             waits.append(1.0)
         return min(waits) if waits else None
@@ -479,9 +605,17 @@ class MqttSink(Sink):
             return None  # 3.1.1 has no expiry: the Last Will alone says offline
         return max(0.0, self._availability_at + self._availability_every_s - time.monotonic())
 
-    def _refresh_availability(self) -> None:
+    def _refresh_availability(self, reassert: bool = False) -> None:
         with self._pub:
-            if self._availability_due_in() == 0.0 and not self._stopping:
+            if self._stopping or not self._connected:
+                return
+            if reassert and time.monotonic() - self._availability_at < REASSERT_MIN_S:
+                return  # _due_in wakes the thread when it may go
+            if reassert:
+                with self._cond:
+                    self._reassert = False
+                log.warning("the broker says this box is offline (a late Last Will?): publishing online again")
+            if reassert or self._availability_due_in() == 0.0:
                 self._publish_availability(self._client)
 
     def _state_due_in(self) -> float | None:
@@ -531,18 +665,32 @@ def _credentials(client: mqtt.Client, cfg: Config) -> None:
             client.tls_insecure_set(True)
 
 
-def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
-    """Publish the empty retained config that makes Home Assistant delete this device; the topic.
+def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> tuple[str, str]:
+    """Publish the empty retained config that makes Home Assistant delete this device.
 
-    Raises ConnectionError with one line when the broker cannot be reached or refuses."""
-    if not cfg.mqtt.host:
+    Tries each of `mqtt.hosts` in turn (a cluster shares retained messages); returns the topic and
+    the node that took it. Raises ConnectionError with one line when no node can be reached or all refuse."""
+    nodes = cfg.mqtt.nodes()
+    if not nodes:
         raise ConfigError("mqtt.host: not set, so there is no broker to remove the device from")
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(cfg.mqtt.tls, key)
         if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
             raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
     topic = ha_discovery.config_topic(cfg)
-    where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    errors: list[str] = []
+    for host, port in nodes:
+        try:
+            _publish_removal(cfg, topic, host, port, timeout)
+            return topic, f"{host}:{port}"
+        except ConnectionError as e:
+            errors.append(str(e))
+    others = f" (and {len(errors) - 1} other node(s) failed)" if len(errors) > 1 else ""
+    raise ConnectionError(errors[-1] + others)
+
+
+def _publish_removal(cfg: Config, topic: str, host: str, port: int, timeout: float) -> None:
+    where = f"{host}:{port}"
     # Its own client id: the daemon's session, if it still runs, is left alone. 3.1.1 speaks to every broker.
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"serenbox-{cfg.device_id}-ha-remove", protocol=mqtt.MQTTv311
@@ -560,7 +708,7 @@ def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
 
     client.on_connect = on_connect
     try:
-        client.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=max(5, round(timeout)))
+        client.connect(host, port, keepalive=max(5, round(timeout)))
     except (OSError, ValueError) as e:
         raise ConnectionError(f"cannot reach the MQTT broker {where} ({getattr(e, 'strerror', None) or e})") from None
     client.loop_start()
@@ -576,4 +724,3 @@ def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> str:
     finally:
         client.disconnect()
         client.loop_stop()
-    return topic

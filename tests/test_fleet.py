@@ -1,0 +1,388 @@
+"""The fleet path: `mqtt.hosts` failover, NATS consumer groups, a small fleet through node kills.
+
+Real brokers only: a 3-node nats-server cluster on loopback (tests/nats_cluster.py, shared by the
+module and restored after each test) and mosquitto (tests/mosquitto.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serenbox.device.config import ConfigError, from_dict
+from serenbox.device.sinks.mqtt import MqttSink
+
+from tests.mosquitto import Mosquitto, Mqtt311OnlyGateway, Watcher, mosquitto_binary, retained
+
+pytest.importorskip("nats", reason="the fleet extra (nats-py) is not installed")
+from serenbox.nats_group import NatsGroup
+from tests.nats_cluster import NatsCluster, nats_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_nats = pytest.mark.skipif(nats_binary() is None, reason="nats-server is not installed")
+needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+
+
+def config(tmp: Path, device: str, hosts: list[str], **mqtt: Any) -> Any:
+    m = {"hosts": hosts, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0, "keepalive": 5, **mqtt}
+    return from_dict({"device_id": device, "state_dir": str(tmp / device), "mqtt": m}, env={})
+
+
+def event(device: str, seq: int) -> dict[str, Any]:
+    return {"schema": "serenbox.event/1", "id": str(uuid.uuid4()), "type": "new", "device_id": device, "seq": seq}
+
+
+def wait(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def node_of(sink: MqttSink, hosts: list[str]) -> int:
+    return hosts.index(sink.counters()["mqtt_node"])
+
+
+def collect(group: NatsGroup, want: set[str], timeout: float) -> list[dict[str, Any]]:
+    """Events from `group` until every id in `want` has come (or `timeout`)."""
+    got: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    for e in group.events(idle_timeout_s=timeout):
+        got.append(e)
+        seen.add(e["id"])
+        if want <= seen or time.monotonic() > deadline:
+            break
+    return got
+
+
+def check_per_box_order(got: list[dict[str, Any]]) -> None:
+    last: dict[str, int] = {}
+    for e in got:
+        assert e["seq"] > last.get(e["device_id"], 0), f"{e['device_id']}: seq {e['seq']} after {last[e['device_id']]}"
+        last[e["device_id"]] = e["seq"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if nats_binary() is None:
+        pytest.skip("nats-server is not installed")
+    c = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def healthy(cluster: NatsCluster):
+    """The cluster with every node up, before and after the test (a test may kill nodes)."""
+    for i, node in enumerate(cluster.nodes):
+        if not node.running:
+            cluster.restart(i)
+    yield cluster
+    for i, node in enumerate(cluster.nodes):
+        if not node.running:
+            cluster.restart(i)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "host", "message"),
+    [
+        ("a:1", None, "mqtt.hosts: expected a list"),
+        (["a:1"], "b", "set either mqtt.host (one broker) or mqtt.hosts"),
+        (["a:99999"], None, "mqtt.hosts[0]: port 99999 is out of range"),
+        (["ok:1", "a b"], None, "mqtt.hosts[1]: 'a b' is not host:port"),
+        (["::1"], None, "mqtt.hosts[0]: '::1' is not host:port (an IPv6 address goes in brackets"),
+        (["a:1", "a:1"], None, "mqtt.hosts: the same node is listed twice"),
+        ([f"n{i}:1" for i in range(33)], None, "mqtt.hosts: more than 32 entries"),
+    ],
+)
+def test_bad_mqtt_hosts_are_refused_naming_the_key(hosts: Any, host: str | None, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict({"mqtt": {"hosts": hosts, "host": host}}, env={})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mqtt_hosts_parse_to_nodes_with_the_default_port() -> None:
+    cfg = from_dict({"mqtt": {"hosts": ["n1.example:1884", "[fd00::2]:8883", "n3"], "port": 1999}}, env={})
+    assert cfg.mqtt.nodes() == [("n1.example", 1884), ("fd00::2", 8883), ("n3", 1999)]
+    assert from_dict({"mqtt": {"host": "one"}}, env={}).mqtt.nodes() == [("one", 1883)]
+    assert from_dict({}, env={}).mqtt.nodes() == []
+
+
+@needs_nats
+def test_box_fails_over_to_the_next_node_and_comes_back(healthy: NatsCluster, tmp_path: Path) -> None:
+    cluster = healthy
+    hosts = cluster.mqtt_hosts()[:2]  # two nodes: the way back can only be the first one
+    with NatsGroup(cluster.nats_urls(), "failover", ack_wait_s=2) as group:
+        started = time.monotonic()
+        sink = MqttSink(config(tmp_path, "box-a", hosts))  # protocol auto: MQTT 5 first
+        sink.start()
+        try:
+            wait(lambda: sink.counters()["mqtt_connected"], what="first connection")
+            # NATS refuses MQTT 5; the fallback to 3.1.1 is one round trip, not a reconnect backoff.
+            assert time.monotonic() - started < 5.0
+            sent = [event("box-a", i) for i in range(1, 31)]
+            for e in sent[:10]:
+                sink.emit(e)
+            first = node_of(sink, hosts)
+            wait(lambda: sink.counters()["spool_depth"] == 0, what="first events acknowledged")
+
+            cluster.kill(first)
+            for e in sent[10:20]:
+                sink.emit(e)  # spooled while the box finds the other node
+            wait(lambda: sink.counters()["mqtt_connected"] and node_of(sink, hosts) != first, what="failover")
+            wait(lambda: sink.counters()["spool_depth"] == 0, what="spool drained on the second node")
+
+            cluster.restart(first)
+            cluster.kill(1 - first)
+            for e in sent[20:]:
+                sink.emit(e)
+            wait(lambda: sink.counters()["mqtt_connected"] and node_of(sink, hosts) == first, what="way back")
+            wait(lambda: sink.counters()["spool_depth"] == 0, what="spool drained back on the first node")
+            assert sink.counters()["mqtt_failovers"] >= 2
+        finally:
+            sink.close()
+        got = collect(group, {e["id"] for e in sent}, timeout=30)
+    assert {e["id"] for e in got} == {e["id"] for e in sent}  # nothing lost
+    check_per_box_order(got)  # nothing reordered (duplicates were dropped by id)
+
+
+@needs_mosquitto
+def test_failover_between_two_mosquittos_and_back(tmp_path: Path) -> None:
+    a = Mosquitto(tmp_path / "a").start()
+    b = Mosquitto(tmp_path / "b").start()
+    hosts = [f"{a.host}:{a.port}", f"{b.host}:{b.port}"]
+    wa, wb = Watcher(a, ["serenbox/box-m/events"]).start(), Watcher(b, ["serenbox/box-m/events"]).start()
+    sink = MqttSink(config(tmp_path, "box-m", hosts))
+    sink.start()
+    try:
+        wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+        brokers = [a, b]
+        first = node_of(sink, hosts)
+        sent = [event("box-m", i) for i in range(1, 31)]
+        for e in sent[:10]:
+            sink.emit(e)
+        wait(lambda: sink.counters()["spool_depth"] == 0, what="first events acknowledged")
+        brokers[first].stop()
+        for e in sent[10:20]:
+            sink.emit(e)
+        wait(lambda: sink.counters()["mqtt_connected"] and node_of(sink, hosts) != first, what="failover")
+        wait(lambda: sink.counters()["spool_depth"] == 0, what="spool drained")
+        brokers[first].start()
+        back = wa if first == 0 else wb
+        wait(back.client.is_connected, what="the watcher back on the restarted broker")
+        time.sleep(0.5)  # and subscribed again
+        brokers[1 - first].stop()
+        for e in sent[20:]:
+            sink.emit(e)
+        wait(lambda: sink.counters()["mqtt_connected"] and node_of(sink, hosts) == first, what="way back")
+        wait(lambda: sink.counters()["spool_depth"] == 0, what="spool drained back")
+    finally:
+        sink.close()
+        for w in (wa, wb):
+            w.stop()
+        a.stop()
+        b.stop()
+    got = [json.loads(m.payload) for m in wa.messages + wb.messages]
+    assert {e["id"] for e in got} == {e["id"] for e in sent}
+    for w in (wa, wb):  # each broker saw its share in order
+        check_per_box_order([json.loads(m.payload) for m in w.messages])
+
+
+@needs_mosquitto
+def test_a_late_last_will_is_answered_with_online(tmp_path: Path) -> None:
+    # What a node the box left behind does when it notices late: publishes the Last Will, retained.
+    with Mosquitto(tmp_path / "broker") as broker:
+        sink = MqttSink(config(tmp_path, "box-w", [f"{broker.host}:{broker.port}"]))
+        sink.start()
+        try:
+            wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+            with Watcher(broker, ["serenbox/box-w/availability"], client_id="stale-node") as w:
+                w.client.publish("serenbox/box-w/availability", "offline", qos=1, retain=True)
+
+                def answered() -> bool:
+                    said = [m.payload for m in w.messages]
+                    return b"offline" in said and b"online" in said[said.index(b"offline") :]
+
+                w.wait_for(answered, what="online after the stale offline")
+            assert retained(broker, "serenbox/box-w/availability") == b"online"
+        finally:
+            sink.close()
+        assert retained(broker, "serenbox/box-w/availability") == b"offline"  # a clean stop still says so
+
+
+class AckEater:
+    """A loopback relay in front of a real broker that swallows every PUBACK on its first
+    connection (pings still answered): a broker that took the events and never acknowledges."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.connections = 0
+        self.swallowed = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections == 1), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, swallow: bool) -> None:
+        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
+            threading.Thread(target=self._up, args=(conn, up), daemon=True).start()
+            while packet := Mqtt311OnlyGateway._read_packet(up):
+                if swallow and packet[0] >> 4 == 4:  # PUBACK
+                    self.swallowed += 1
+                    continue
+                conn.sendall(packet)
+
+    @staticmethod
+    def _up(conn: socket.socket, up: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                up.sendall(data)
+        with contextlib.suppress(OSError):
+            up.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@needs_mosquitto
+def test_a_broker_that_never_acknowledges_is_left_and_nothing_is_lost(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        relay = AckEater(broker)
+        sent = [event("box-s", i) for i in range(1, 11)]
+        with Watcher(broker, ["serenbox/box-s/events"]) as w:
+            sink = MqttSink(config(tmp_path, "box-s", [f"127.0.0.1:{relay.port}"], ack_timeout_s=2))
+            sink.start()
+            try:
+                wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+                for e in sent:
+                    sink.emit(e)
+                # Held without PUBACK on the first connection; dropped after 2 s, sent again on the next.
+                wait(lambda: sink.counters()["spool_depth"] == 0, timeout=20, what="spool drained")
+            finally:
+                sink.close()
+                relay.close()
+            w.wait_for(lambda: {e["id"] for e in sent} <= set(ids_of(w)), what="every event at the broker")
+        assert relay.swallowed >= 1 and relay.connections >= 2
+
+
+def ids_of(w: Watcher) -> list[str]:
+    return [json.loads(m.payload)["id"] for m in w.messages]
+
+
+MEMBER = """
+import sys
+from serenbox.nats_group import NatsGroup
+with NatsGroup(sys.argv[1].split(","), "members", ack_wait_s=2, batch=10) as group:
+    for event in group.events(idle_timeout_s=20):
+        print(event["id"], flush=True)
+"""
+
+
+@needs_nats
+def test_a_group_member_dies_and_the_group_loses_nothing(healthy: NatsCluster, tmp_path: Path) -> None:
+    cluster = healthy
+    urls = ",".join(cluster.nats_urls())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sent = [event("box-g", i) for i in range(1, 201)]
+    # Entering opens the durable consumer, so it exists before the box publishes.
+    with NatsGroup(cluster.nats_urls(), "members", ack_wait_s=2, batch=10) as survivor:
+        doomed = subprocess.Popen(
+            [sys.executable, "-c", MEMBER, urls], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
+        try:
+            sink = MqttSink(config(tmp_path, "box-g", cluster.mqtt_hosts()))
+            sink.start()
+            for e in sent:
+                sink.emit(e)
+            handled_by_doomed: list[str] = []
+            assert doomed.stdout is not None
+            while len(handled_by_doomed) < 20:  # it handles some, then dies holding a batch
+                line = doomed.stdout.readline()
+                assert line, "the member exited before handling 20 events"
+                handled_by_doomed.append(line.split()[0])
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=10)
+            # What it printed meanwhile (still in the pipe) it had handled too; it acknowledges an
+            # event only after printing it, so everything acknowledged is in this list.
+            handled_by_doomed += [line.split()[0] for line in doomed.stdout.read().splitlines() if line.strip()]
+            wait(lambda: sink.counters()["spool_depth"] == 0, what="all events acknowledged by the cluster")
+            sink.close()
+            want = {e["id"] for e in sent} - set(handled_by_doomed)
+            got = collect(survivor, want, timeout=30)
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
+                doomed.wait()
+    assert want <= {e["id"] for e in got}  # what the dead member had not acknowledged came to the survivor
+    assert len(got) == len({e["id"] for e in got})  # no duplicate within a member
+
+
+@needs_nats
+def test_twenty_boxes_through_two_node_kills_lose_nothing(healthy: NatsCluster, tmp_path: Path) -> None:
+    cluster = healthy
+    boxes = [f"box-{i:02d}" for i in range(20)]
+    sinks = {b: MqttSink(config(tmp_path, b, cluster.mqtt_hosts())) for b in boxes}
+    sent: dict[str, list[dict[str, Any]]] = {b: [] for b in boxes}
+    stop = threading.Event()
+
+    def produce() -> None:
+        seq = 0
+        while not stop.is_set() and seq < 200:  # 10 events/s per box, 20 s at most
+            seq += 1
+            for b, sink in sinks.items():
+                e = event(b, seq)
+                sent[b].append(e)
+                sink.emit(e)
+            time.sleep(0.1)
+
+    with NatsGroup(cluster.nats_urls(), "fleet", ack_wait_s=2, batch=200) as group:
+        for sink in sinks.values():
+            sink.start()
+        producer = threading.Thread(target=produce, daemon=True)
+        try:
+            wait(lambda: all(s.counters()["mqtt_connected"] for s in sinks.values()), what="all boxes connected")
+            producer.start()
+            for victim in (0, 1):
+                time.sleep(2)
+                cluster.kill(victim)
+                time.sleep(2)
+                cluster.restart(victim)
+            stop.set()
+            producer.join(timeout=10)
+            wait(
+                lambda: all(s.counters()["spool_depth"] == 0 for s in sinks.values()),
+                timeout=60,
+                what="every spool drained",
+            )
+            failovers = sum(s.counters()["mqtt_failovers"] for s in sinks.values())
+        finally:
+            stop.set()
+            for sink in sinks.values():
+                sink.close()
+        want = {e["id"] for b in boxes for e in sent[b]}
+        got = collect(group, want, timeout=60)
+    assert len(want) >= 20 * 20
+    assert want - {e["id"] for e in got} == set()  # 0 lost
+    check_per_box_order(got)
+    assert failovers >= 1  # the boxes on the killed nodes moved
