@@ -34,7 +34,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -72,7 +72,11 @@ __all__ = [
     "Tls",
     "Track",
     "connect",
+    "nats_group",
 ]
+
+if TYPE_CHECKING:
+    from serenbox.nats_group import NatsGroup
 
 log = logging.getLogger("serenbox.client")
 
@@ -470,6 +474,22 @@ class Client:
                 self._counts["acked"] += 1
         if current:
             self._client.ack(item.mid, item.qos)
+
+
+def nats_group(servers: Iterable[str], group: str, **options: Any) -> NatsGroup:
+    """A consumer group on a NATS cluster (docs/fleet.md; needs the `fleet` extra): members that
+    share `group` share the boxes' events, at least once, acknowledged as the caller takes them.
+
+        with serenbox.client.nats_group(["nats://n1:4222", "nats://n2:4222"], "analytics") as g:
+            for event in g.messages():      # serenbox.client.Event, as from connect()
+                ...
+
+    `options` are `serenbox.nats_group.NatsGroup`'s (topic_prefix, ack_wait_s, batch, ...). On a
+    single mosquitto, `connect(..., group=...)` is the same thing through MQTT 5 shared subscriptions.
+    """
+    from serenbox.nats_group import NatsGroup  # nats-py only for those who use it
+
+    return NatsGroup(list(servers), group, **options)
 
 
 def connect(

@@ -32,12 +32,19 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, ServiceUnavailableError
 
+from serenbox.messages import Event, MalformedMessage, parse
+
 log = logging.getLogger("serenbox.nats_group")
 
 STREAM = "$MQTT_msgs"  # the NATS MQTT gateway's stream of QoS 1 messages
 FETCH_WAIT_S = 1.0
 # Errors a node's death or a leader election causes for a while; the member retries them.
 _TRANSIENT = (NatsTimeout, NoRespondersError, ServiceUnavailableError, ConnectionClosedError, asyncio.TimeoutError)
+
+
+def _topic_of(subject: str) -> str:
+    """`$MQTT.msgs.<prefix>.<device_id>.events` → the MQTT topic `<prefix>/<device_id>/events`."""
+    return subject.removeprefix("$MQTT.msgs.").replace(".", "/")
 
 
 def events_subject(topic_prefix: str = "serenbox", device_id: str = "*") -> str:
@@ -116,6 +123,22 @@ class NatsGroup:
         """Event dicts, each acknowledged when the caller asks for the next (or closes the group).
 
         Ends after `idle_timeout_s` without any message (None: never)."""
+        for _subject, _data, event in self._deliver(idle_timeout_s):
+            yield event
+
+    def messages(self, idle_timeout_s: float | None = None) -> Iterator[Event]:
+        """The same events typed as `serenbox.client` gives them (`serenbox.client.Event`)."""
+        for subject, data, _event in self._deliver(idle_timeout_s):
+            try:
+                message = parse(_topic_of(subject), data)
+            except MalformedMessage as e:
+                log.warning("skipped: %s", e)
+                self.malformed += 1
+                continue
+            if isinstance(message, Event):
+                yield message
+
+    def _deliver(self, idle_timeout_s: float | None) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
         if self._sub is None:
             self.open()
         idle = 0.0
@@ -139,7 +162,7 @@ class NatsGroup:
                 elif event["id"] in self._seen:
                     self.duplicates += 1
                 else:
-                    yield event
+                    yield msg.subject, msg.data, event
                     self._remember(event["id"])
                 self._ack(msg)
 

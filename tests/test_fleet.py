@@ -386,3 +386,34 @@ def test_twenty_boxes_through_two_node_kills_lose_nothing(healthy: NatsCluster, 
     assert want - {e["id"] for e in got} == set()  # 0 lost
     check_per_box_order(got)
     assert failovers >= 1  # the boxes on the killed nodes moved
+
+
+@needs_nats
+def test_serenbox_client_gives_a_nats_group_typed_events(healthy: NatsCluster, tmp_path: Path) -> None:
+    # serenbox.client is where app developers look: the NATS group is there, with the same typed
+    # events as connect() gives (serenbox.client.Event), in each box's order.
+    import serenbox.client
+
+    cluster = healthy
+    sink = MqttSink(config(tmp_path, "box-t", cluster.mqtt_hosts()))
+    sink.start()
+    try:
+        probabilities = dict.fromkeys(("angry", "disgust", "fear", "neutral", "sad", "surprise"), 0.02) | {
+            "happy": 0.88
+        }
+        full = {"run_id": str(uuid.uuid4()), "track_id": 1, "timestamp": "2026-12-06T03:00:00.000Z", "emotion": "happy"}
+        full |= {"confidence": 0.88, "probabilities": probabilities, "box": {"x": 0.1, "y": 0.1, "w": 0.2, "h": 0.3}}
+        sent = [event("box-t", i) | full for i in range(1, 6)]
+        with serenbox.client.nats_group(cluster.nats_urls(), "typed", ack_wait_s=2) as group:
+            for e in sent:
+                sink.emit(e)
+            got = []
+            for message in group.messages(idle_timeout_s=20):
+                got.append(message)
+                if len(got) == len(sent):
+                    break
+    finally:
+        sink.close()
+    assert all(isinstance(m, serenbox.client.Event) for m in got)
+    assert [m.id for m in got] == [e["id"] for e in sent]
+    assert {(m.device_id, m.topic, m.emotion) for m in got} == {("box-t", "serenbox/box-t/events", "happy")}
