@@ -487,8 +487,10 @@ def nats_group(servers: Iterable[str], group: str, **options: Any) -> NatsGroup:
     `options` are `serenbox.nats_group.NatsGroup`'s (topic_prefix, ack_wait_s, batch, ...). On a
     single mosquitto, `connect(..., group=...)` is the same thing through MQTT 5 shared subscriptions.
     """
-    from serenbox.nats_group import NatsGroup  # nats-py only for those who use it
-
+    try:
+        from serenbox.nats_group import NatsGroup  # nats-py only for those who use it
+    except ImportError as e:
+        raise ImportError(f"serenbox.client.nats_group needs nats-py: pip install 'serenbox[fleet]' ({e})") from None
     return NatsGroup(list(servers), group, **options)
 
 

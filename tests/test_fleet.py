@@ -417,3 +417,12 @@ def test_serenbox_client_gives_a_nats_group_typed_events(healthy: NatsCluster, t
     assert all(isinstance(m, serenbox.client.Event) for m in got)
     assert [m.id for m in got] == [e["id"] for e in sent]
     assert {(m.device_id, m.topic, m.emotion) for m in got} == {("box-t", "serenbox/box-t/events", "happy")}
+
+
+def test_nats_group_without_the_fleet_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serenbox.client
+
+    monkeypatch.setitem(sys.modules, "nats", None)  # as if nats-py were not installed
+    monkeypatch.delitem(sys.modules, "serenbox.nats_group", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'serenbox\[fleet\]'"):
+        serenbox.client.nats_group(["nats://127.0.0.1:4222"], "g")
