@@ -356,21 +356,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
     except (ConnectionError, ValueError) as e:
         raise UsageError(str(e)) from None
-    # SIGTERM ends the view as Ctrl-C does: the terminal gets its cursor back.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM end the view between messages (the terminal gets its cursor back); they
+    # only set a flag, never raise into paho's code (serenbox.watch.watch says why).
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     plain = args.plain or not watch.is_tty(sys.stdout)
     title = f"serenbox watch {args.host}:{port} device {args.device}"
     try:
-        watch.watch(client, sys.stdout, plain, title, args.seconds)
+        watch.watch(client, sys.stdout, plain, title, args.seconds, stop)
     except BrokenPipeError:  # `serenbox watch | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         client.close()
     return EXIT_OK
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:

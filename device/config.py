@@ -102,7 +102,7 @@ class DetectorConfig:
     # null: the model's own (short 0.4, with the second look; full 0.5); lower finds more faces and more non-faces
     score_threshold: float | None = _f(None, **_range(0, 1, lo_open=True))
     # short only: a candidate is kept only if a second, centred look scores this much (0: no second look)
-    verify_threshold: float = _f(0.65, **_range(0, 1))
+    verify_threshold: float = _f(0.7, **_range(0, 1))
     nms_iou: float = _f(0.3, **_range(0, 1, lo_open=True))  # boxes overlapping more than this are one face
     num_threads: int = _f(1, **_range(1, 64))  # TFLite interpreter threads for the detector
 

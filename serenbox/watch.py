@@ -10,6 +10,7 @@ changes.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from serenbox.client import Availability, Client, Event, Message, State, Stats, 
 DEFAULT_STATS_INTERVAL_S = 60.0
 STALE_AFTER_INTERVALS = 3
 REDRAW_EVERY_S = 1.0  # clocks and staleness move even when no message comes
+STOP_POLL_S = 0.2  # how soon a stop request (Ctrl-C, SIGTERM) is seen
 HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 HIDE_CURSOR, SHOW_CURSOR, CLEAR_SCREEN = "\x1b[?25l", "\x1b[?25h", "\x1b[2J"
 COLUMNS = ("DEVICE", "STATUS", "FACES", "EMOTIONS", "FPS", "SPOOL", "LAST EVENT")
@@ -124,8 +126,20 @@ def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def watch(client: Client, out: TextIO, plain: bool, title: str, seconds: float | None = None) -> None:
-    """Show the boxes until interrupted (or for `seconds`): one line per change when `plain`."""
+def watch(
+    client: Client,
+    out: TextIO,
+    plain: bool,
+    title: str,
+    seconds: float | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Show the boxes until `stop` is set (or for `seconds`): one line per change when `plain`.
+
+    The caller's signal handlers set `stop` rather than raise: an exception thrown into paho's
+    code mid-call (Ctrl-C's KeyboardInterrupt) could leave its locks taken and the close hanging.
+    """
+    stop = stop or threading.Event()
     board = Board(time.monotonic())
     shown: dict[str, str] = {}
     connected = True
@@ -134,8 +148,8 @@ def watch(client: Client, out: TextIO, plain: bool, title: str, seconds: float |
     if not plain:
         out.write(HIDE_CURSOR + CLEAR_SCREEN)
     try:
-        while stop_at is None or time.monotonic() < stop_at:
-            msg = client.next(timeout=max(0.05, next_draw - time.monotonic()))
+        while not stop.is_set() and (stop_at is None or time.monotonic() < stop_at):
+            msg = client.next(timeout=min(STOP_POLL_S, max(0.05, next_draw - time.monotonic())))
             now = time.monotonic()
             if msg is not None:
                 board.update(msg, now)

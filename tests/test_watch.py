@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import pty
+import random
 import re
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import paho.mqtt.publish as publish
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from serenbox.messages import parse
 from serenbox.watch import CLEAR_BELOW, CLEAR_LINE, HOME, Board, plain_line, redraw, render_table
@@ -220,3 +223,42 @@ def test_a_viewer_login_from_the_documented_access_list(tmp_path: Path) -> None:
     assert refused.stderr.strip().splitlines() == [
         f"serenbox watch: the MQTT broker {broker.host}:{broker.port} refused the connection: not authorized"
     ]
+
+
+def test_ctrl_c_always_ends_the_view_while_messages_pour_in(tmp_path: Path) -> None:
+    # Ctrl-C used to raise KeyboardInterrupt wherever the main thread was, paho's code included;
+    # once in CI the view then never exited. Now the signal only sets a flag: SIGINT at random
+    # moments while a publisher floods the view must end it cleanly every time.
+    broker = Mosquitto(tmp_path / "broker").start()
+    flood = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood")
+    flood.connect(broker.host, broker.port)
+    flood.loop_start()
+    stop_flood = threading.Event()
+
+    def pour() -> None:
+        n = 0
+        while not stop_flood.is_set() and n < 200_000:
+            n += 1
+            state = {"device_id": "hall", "faces": n % 3, "dominant": None, "tracks": [], "paused": False}
+            flood.publish("serenbox/hall/state", json.dumps(state), qos=1)
+            time.sleep(0.0005)
+
+    pourer = threading.Thread(target=pour, daemon=True)
+    pourer.start()
+    rng = random.Random(5)
+    try:
+        for _ in range(8):
+            view = WatchProcess("--host", broker.host, "--port", str(broker.port), "--plain")
+            view.wait_line("hall")
+            time.sleep(rng.uniform(0.0, 0.5))
+            view.proc.send_signal(signal.SIGINT)
+            try:
+                rc = view.proc.wait(timeout=10)
+            finally:
+                view.proc.kill()
+            assert rc == 0
+    finally:
+        stop_flood.set()
+        pourer.join(timeout=5)
+        flood.loop_stop()
+        broker.stop()
