@@ -356,8 +356,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
     except (ConnectionError, ValueError) as e:
         raise UsageError(str(e)) from None
-    # Ctrl-C and SIGTERM end the view between messages (the terminal gets its cursor back); they
-    # only set a flag, never raise into paho's code (serenbox.watch.watch says why).
+    # Ctrl-C (SIGINT) and SIGTERM end the view between messages (the terminal gets its cursor
+    # back). Our own handlers: a view started as a background job inherits SIGINT ignored, and
+    # Python then raises no KeyboardInterrupt; and a flag, not an exception thrown into paho's code.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

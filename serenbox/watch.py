@@ -136,8 +136,9 @@ def watch(
 ) -> None:
     """Show the boxes until `stop` is set (or for `seconds`): one line per change when `plain`.
 
-    The caller's signal handlers set `stop` rather than raise: an exception thrown into paho's
-    code mid-call (Ctrl-C's KeyboardInterrupt) could leave its locks taken and the close hanging.
+    The caller's signal handlers set `stop` rather than raise (`serenbox watch` installs its own,
+    since a background job inherits SIGINT ignored): an exception thrown into paho's code mid-call
+    could leave its locks taken and the close hanging.
     """
     stop = stop or threading.Event()
     board = Board(time.monotonic())
