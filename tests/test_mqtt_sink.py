@@ -398,3 +398,33 @@ def test_spool_bound_drops_oldest_and_reports_it(tmp_path: Path) -> None:
         w.wait_for(lambda: w.on("/stats"), what="stats")
         assert w.on("/stats")[0].json()["spool_dropped"] == 3
         sink.close()
+
+
+def test_close_survives_the_network_thread_ending_inside_loop_stop(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # paho 2.2's loop_stop() checks its thread, then joins it; the thread clears that attribute as it
+    # ends, which it does on its own after disconnect(). On a loaded machine it ended in between and
+    # close() raised AttributeError (one of ten simulator processes at 1 000 boxes). Here the thread
+    # is made to end exactly there: loop_stop() asks threading.current_thread() between the two.
+    import paho.mqtt.client as paho
+
+    sink = MqttSink(config(broker, tmp_path))
+    sink.start()
+    wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+    sink.emit(event(1))
+    wait(lambda: sink.counters()["spool_depth"] == 0, what="event delivered")
+    network = sink._client._thread
+    real = threading.current_thread
+
+    def network_thread_ends_first() -> threading.Thread:
+        me = real()
+        if sys._getframe(1).f_code.co_name == "loop_stop" and network is not None and me is not network:
+            network.join(timeout=10)
+        return me
+
+    monkeypatch.setattr(paho.threading, "current_thread", network_thread_ends_first)
+    sink.close()  # raised AttributeError: 'NoneType' object has no attribute 'join'
+    monkeypatch.undo()
+    assert network is not None and not network.is_alive()
+    assert sink.counters()["spool_depth"] == 0
