@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -428,3 +429,26 @@ def test_close_survives_the_network_thread_ending_inside_loop_stop(
     monkeypatch.undo()
     assert network is not None and not network.is_alive()
     assert sink.counters()["spool_depth"] == 0
+
+
+def test_a_lost_connection_never_waits_for_the_publisher(broker: Mosquitto, tmp_path: Path) -> None:
+    # paho may report a lost connection from inside its own message lock (a write failing while it
+    # handles a CONNACK). The handler used to take the publisher's lock there, while the publisher,
+    # holding it, waited for paho's lock in publish(): 1 000 boxes hung for good that way. So the
+    # network thread must get through a disconnect while the publisher's lock is held.
+    with Watcher(broker, [f"serenbox/{DEVICE}/events"]) as w:
+        sink = MqttSink(config(broker, tmp_path))
+        sink.start()
+        wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+        with sink._pub:  # the publisher, busy handing events to paho
+            sock = sink._client.socket()
+            assert sock is not None
+            sock.shutdown(socket.SHUT_RDWR)
+            deadline = time.monotonic() + 5
+            while sink.counters()["mqtt_connected"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not sink.counters()["mqtt_connected"], "the network thread waited for the publisher's lock"
+            sink.emit(event(1))
+        wait(lambda: sink.counters()["mqtt_connected"], what="reconnection")
+        w.wait_for(lambda: len(ids(w)) >= 1, what="the event sent after the reconnection")
+        sink.close()

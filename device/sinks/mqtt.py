@@ -12,7 +12,8 @@ Delivery design (see docs/mqtt.md):
 
 Locks (acquired only in this order, so paho's callbacks cannot deadlock with the publisher):
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
-`on_publish` holding its message lock, so that callback only touches `_cond`.
+`on_publish`, and at times `on_disconnect`, holding its message lock, so those callbacks only
+touch `_cond`.
 
 A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. After
 a lost connection or an unreachable node the next attempt goes to the next node in the list (the
@@ -148,6 +149,7 @@ class MqttSink(Sink):
         self._pub = threading.RLock()
         # Guarded by _pub: connection view of the publisher.
         self._connected = False
+        self._connection = 0  # connections made so far; the one a disconnect ends is forgotten once
         # Last rowid and last memory number handed to paho on this connection (backlog.advance).
         self._cursor = (0, 0)
         self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
@@ -168,6 +170,7 @@ class MqttSink(Sink):
         self._handler: CommandHandler | None = None
         self._refusal_logged: str | None = None
         self._reassert = False
+        self._lost_connection: int | None = None  # set by paho's thread, handled by the publisher
 
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="serenbox-mqtt", daemon=True)
@@ -402,9 +405,17 @@ class MqttSink(Sink):
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: mqtt.DisconnectFlags, reason: ReasonCode, _p: Properties | None
     ) -> None:
-        with self._pub:
-            was_connected = self._connected
-            self._reset_connection(connected=False)
+        # paho calls this from inside its own locks at times (a write that fails while it handles a
+        # CONNACK, holding its message lock): taking `_pub` here deadlocked with the publisher, which
+        # holds `_pub` and waits for that lock in publish(), and dropping paho's messages here changed
+        # them under paho's own loop (seen at 1 000 boxes). So only record; the publisher thread
+        # forgets the connection (`_forget`). A stale True read meanwhile queues a batch on a dead client.
+        was_connected = self._connected
+        self._connected = False
+        with self._cond:
+            self._lost_connection = self._connection
+            self._kick = True
+            self._cond.notify()
         self._outcome = "lost" if was_connected else "refused"
         if was_connected and not self._stopping:
             log.warning(
@@ -506,6 +517,14 @@ class MqttSink(Sink):
         self._inflight.clear()
         self._cursor = (0, 0)
         self._connected = connected
+        if connected:
+            self._connection += 1
+
+    def _forget(self, connection: int) -> None:
+        """The publisher's half of a disconnect: unless a newer connection has come meanwhile."""
+        with self._pub:
+            if connection == self._connection:
+                self._reset_connection(connected=False)
 
     def _collect_acks(self) -> None:
         with self._pub:
@@ -535,8 +554,11 @@ class MqttSink(Sink):
                     self._cond.wait(timeout=self._due_in())
                 self._kick = False
                 stopping, fallback, reassert = self._stopping, self._fallback, self._reassert
+                lost, self._lost_connection = self._lost_connection, None
                 self._fallback = False
             try:
+                if lost is not None:
+                    self._forget(lost)
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
