@@ -8,8 +8,10 @@ Only an append waits for the disk (an fsync of the WAL, `synchronous=FULL`). A d
 without one (`synchronous=NORMAL`): a killed process keeps it, and the next append's fsync makes
 it durable with it, as the WAL is one file written in order. A power cut can therefore undo only
 the deletes since the last append, and those events are sent again (duplicates, which consumers
-drop by id), never lost. That halves the fsyncs per event, which an SD card wears by. Rowids come from AUTOINCREMENT so they never repeat: they are the
-publication order, even across restarts.
+drop by id), never lost. That halves the fsyncs per event, which an SD card wears by.
+
+Rowids come from AUTOINCREMENT so they never repeat: they are the publication order, even across
+restarts.
 
 A damaged spool file (SD cards do fail) must not stop the daemon nor cost the events that are
 still readable: the file is moved aside, every readable row is copied into a fresh spool with its

@@ -85,16 +85,22 @@ class _NodeClient(mqtt.Client):
 
     paho's loop retries the address it was first given; a cluster wants the next node instead."""
 
-    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pick: Callable[[bool], tuple[str, int]], wire: threading.Lock, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._pick = pick
+        self._wire = wire
         self._first_attempt = True
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
-        # Runs on paho's network thread with the socket closed: the address may change here.
-        self._host, self._port = self._pick(self._first_attempt)
-        self._first_attempt = False
-        return super().reconnect()
+        # Runs on paho's network thread with the socket closed: the address may change here. Under
+        # `_wire` (MqttSink._publish): a publish that slipped in after the loss lands in the queue
+        # this empties, never between it and the new CONNECT (a broker closes on that).
+        with self._wire:
+            self._host, self._port = self._pick(self._first_attempt)
+            self._first_attempt = False
+            return super().reconnect()
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -147,6 +153,9 @@ class MqttSink(Sink):
         self._announce_timer: threading.Timer | None = None  # guarded by _cond
 
         self._pub = threading.RLock()
+        # Held around each publish and around paho's reconnect (`_NodeClient`), after `_pub` and
+        # before paho's locks; paho's callbacks never take it.
+        self._wire = threading.Lock()
         # Guarded by _pub: connection view of the publisher.
         self._connected = False
         self._connection = 0  # connections made so far; the one a disconnect ends is forgotten once
@@ -196,7 +205,7 @@ class MqttSink(Sink):
     def stats(self, stats: dict[str, Any]) -> None:
         # QoS 0, not spooled: the next report supersedes a lost one.
         payload = json.dumps({**stats, **self.counters()}, separators=(",", ":"))
-        self._client.publish(self.topics.stats, payload, qos=0)
+        self._publish(self.topics.stats, payload, qos=0)
 
     def problem(self) -> str | None:
         if self._stopping:
@@ -245,8 +254,8 @@ class MqttSink(Sink):
                 if not self._inflight:
                     break
             time.sleep(0.02)
-        if self._connected:
-            info = client.publish(self.topics.availability, "offline", qos=1, retain=True)
+        info = self._publish(self.topics.availability, "offline", qos=1, retain=True)
+        if info is not None:
             # The connection may go away meanwhile; the Last Will says offline instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
@@ -269,6 +278,7 @@ class MqttSink(Sink):
         client = _NodeClient(
             CallbackAPIVersion.VERSION2,
             pick=self._pick_node,
+            wire=self._wire,
             client_id=self._client_id,
             protocol=self._protocol,
             # A clean session: the spool is what remembers unsent events, never the broker.
@@ -358,7 +368,7 @@ class MqttSink(Sink):
             properties = Properties(PacketTypes.PUBLISH)
             expiry = AVAILABILITY_EXPIRY_INTERVALS * self._availability_every_s
             properties.MessageExpiryInterval = max(1, round(expiry))
-        client.publish(self.topics.availability, "online", qos=1, retain=True, properties=properties)
+        self._publish(self.topics.availability, "online", qos=1, retain=True, properties=properties)
         self._availability_at = time.monotonic()
 
     def _guarded(self, callback: Any) -> Any:
@@ -477,7 +487,7 @@ class MqttSink(Sink):
     def _announce(self, client: mqtt.Client) -> None:
         """The retained discovery config. Needs `_pub`."""
         assert self._ha_topic is not None
-        client.publish(self._ha_topic, self._ha_payload, qos=1, retain=True)
+        self._publish(self._ha_topic, self._ha_payload, qos=1, retain=True)
 
     def _schedule_announce(self) -> None:
         delay = random.uniform(*ANNOUNCE_DELAY_S)
@@ -504,6 +514,18 @@ class MqttSink(Sink):
         self._client.publish(self.topics.error, error_payload(reason, raw), qos=1)
 
     # ----- publisher thread -----------------------------------------------------------------
+
+    def _publish(
+        self, topic: str, payload: str | bytes, qos: int, retain: bool = False, properties: Properties | None = None
+    ) -> mqtt.MQTTMessageInfo | None:
+        """Hand one message to paho, unless the connection is gone (None). paho queues whatever it is
+        given, connected or not, and a publish racing a reconnect could go out before the CONNECT."""
+        if not self._connected:
+            return None
+        with self._wire:
+            if not self._connected:
+                return None
+            return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def _wake(self) -> None:
         with self._cond:
@@ -585,7 +607,9 @@ class MqttSink(Sink):
                 if rows and not self._inflight:
                     self._ack_progress_at = time.monotonic()
                 for key, payload in rows:
-                    info = self._client.publish(self.topics.events, payload, qos=1)
+                    info = self._publish(self.topics.events, payload, qos=1)
+                    if info is None:
+                        return  # lost meanwhile: the connection's handler wakes this thread
                     self._inflight[info.mid] = key
                     self._cursor = advance(self._cursor, key)
                 if len(rows) < room:
@@ -655,7 +679,8 @@ class MqttSink(Sink):
             limited = time.monotonic() - self._state_sent_at < self._m.state_interval_s
             if limited and self._state_sent is not None and not force:
                 return  # rate-limited; _state_due_in wakes the thread when it may go
-            self._client.publish(self.topics.state, latest, qos=1, retain=True)
+            if self._publish(self.topics.state, latest, qos=1, retain=True) is None:
+                return
             self._state_sent, self._state_sent_at = latest, time.monotonic()
 
     def _fall_back_to_311(self) -> None:
