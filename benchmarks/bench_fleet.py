@@ -1,17 +1,21 @@
 """A fleet of simulated boxes against a 3-node NATS cluster on loopback, with nodes killed as it runs.
 
     python benchmarks/bench_fleet.py [--boxes 100] [--rate 1] [--duration 60] [--kill-every 15]
-                                     [--down-s 5] [--workers 4] [--consumers 1]
+                                     [--down-s 5] [--workers 4] [--consumers 1] [--emitters 10]
+                                     [--ack-timeout 10]
 
 Each box is the real MQTT sink (device/sinks/mqtt.py) with its own SQLite spool, `mqtt.hosts`
-naming all three nodes and a synthetic event source; the boxes run in `--workers` processes.
+naming all three nodes and a synthetic event source; the boxes run in `--workers` processes,
+each emitting from `--emitters` threads (a box's emit waits for its own spool's fsync, as on a
+real box, and must not hold back the other boxes of its process).
 The back end is `--consumers` members of one NatsGroup (serenbox/nats_group.py). Every
 `--kill-every` seconds one node (in turn) is killed with SIGKILL and started again `--down-s`
 later. The script starts and stops the cluster itself (tests/nats_cluster.py).
 
 Prints: events sent, received, lost, duplicated, out of order (per box, at the consumer);
 throughput; p50/p99 box-to-consumer latency (all events, and outside failovers); the time for
-every box of a killed node to be connected again; the load average seen.
+every box of a killed node to be connected again; how late the simulator emitted; the CPU the
+boxes, the nodes and the consumer used per event; the load average seen.
 """
 
 from __future__ import annotations
