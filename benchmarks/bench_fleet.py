@@ -1,17 +1,21 @@
 """A fleet of simulated boxes against a 3-node NATS cluster on loopback, with nodes killed as it runs.
 
     python benchmarks/bench_fleet.py [--boxes 100] [--rate 1] [--duration 60] [--kill-every 15]
-                                     [--down-s 5] [--workers 4] [--consumers 1]
+                                     [--down-s 5] [--workers 4] [--consumers 1] [--emitters 10]
+                                     [--ack-timeout 10]
 
 Each box is the real MQTT sink (device/sinks/mqtt.py) with its own SQLite spool, `mqtt.hosts`
-naming all three nodes and a synthetic event source; the boxes run in `--workers` processes.
+naming all three nodes and a synthetic event source; the boxes run in `--workers` processes,
+each emitting from `--emitters` threads (a box's emit waits for its own spool's fsync, as on a
+real box, and must not hold back the other boxes of its process).
 The back end is `--consumers` members of one NatsGroup (serenbox/nats_group.py). Every
 `--kill-every` seconds one node (in turn) is killed with SIGKILL and started again `--down-s`
 later. The script starts and stops the cluster itself (tests/nats_cluster.py).
 
 Prints: events sent, received, lost, duplicated, out of order (per box, at the consumer);
 throughput; p50/p99 box-to-consumer latency (all events, and outside failovers); the time for
-every box of a killed node to be connected again; the load average seen.
+every box of a killed node to be connected again; how late the simulator emitted; the CPU the
+boxes, the nodes and the consumer used per event; the load average seen.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -45,11 +50,40 @@ from tests.nats_cluster import NatsCluster  # noqa: E402
 FAILOVER_MARGIN_S = 2.0
 DRAIN_TIMEOUT_S = 120.0
 BOXES_PER_PROCESS = 100
+SAMPLE_EVERY_S = 0.1  # how often each box's health is read (the resolution of the recovery times)
+
+
+def emit_loop(boxes: list[str], sinks: dict[str, MqttSink], due: dict[str, float], period: float, until: float,
+              sent: dict[str, int], lag: list[float]) -> None:  # fmt: skip
+    """One emitter thread: its boxes in turn, each when it is due. A box's emit waits for its own
+    spool's fsync, as on a real box; several emitters per process keep one box's disk wait from
+    holding back the others (a real box has its own disk)."""
+    order = sorted(boxes, key=due.__getitem__)  # dues stay in this cyclic order: every box has one period
+    i = 0
+    while True:
+        b = order[i % len(order)]
+        i += 1
+        if due[b] >= until:
+            return
+        wait = due[b] - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        sent[b] += 1
+        now = time.time()
+        lag.append(now - due[b])  # how late the simulator is: a figure of its own, printed
+        sinks[b].emit(
+            {"schema": "serenbox.event/1", "id": f"{b}:{sent[b]}", "type": "update", "device_id": b,
+             "seq": sent[b], "sent_at": now, "emotion": "happy", "confidence": 0.83,
+             "probabilities": {"angry": 0.01, "disgust": 0.0, "fear": 0.02, "happy": 0.83,
+                               "neutral": 0.1, "sad": 0.03, "surprise": 0.01}}
+        )  # fmt: skip
+        due[b] += period
 
 
 def box_worker(
-    boxes: list[str], hosts: list[str], rate: float, duration: float, state: str, start_at: float, out: str
-) -> None:
+    boxes: list[str], hosts: list[str], rate: float, duration: float, state: str, start_at: float, out: str,
+    emitters: int, ack_timeout_s: float,
+) -> None:  # fmt: skip
     """One process: its share of boxes, each a real MqttSink; writes what it sent and saw to `out`."""
     keep = os.environ.get("BENCH_FLEET_KEEP_LOGS")
     if keep:  # the boxes' own log, one file per worker process
@@ -62,7 +96,7 @@ def box_worker(
     sinks: dict[str, MqttSink] = {}
     for b in boxes:
         m = {"hosts": hosts, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0, "keepalive": 10, "protocol": "3.1.1",
-             "ack_timeout_s": 10}  # fmt: skip
+             "ack_timeout_s": ack_timeout_s}  # fmt: skip
         # A company fleet has no Home Assistant: no discovery config retained per box in the cluster.
         cfg = {"device_id": b, "state_dir": f"{state}/{b}", "mqtt": m, "homeassistant": {"discovery": False}}
         sinks[b] = MqttSink(from_dict(cfg, env={}))
@@ -84,31 +118,30 @@ def box_worker(
     period = 1.0 / rate
     # Boxes are spread evenly over the period, as real boxes are not in step.
     due = {b: start_at + (i / len(boxes)) * period for i, b in enumerate(boxes)}
-    next_poll = 0.0
-    while time.time() < start_at + duration:
+    lags: list[list[float]] = [[] for _ in range(emitters)]
+    until = start_at + duration
+    threads = [
+        threading.Thread(target=emit_loop, args=(boxes[i::emitters], sinks, due, period, until, sent, lag), daemon=True)
+        for i, lag in enumerate(lags)
+        if boxes[i::emitters]
+    ]
+    cpu_at_start = resource.getrusage(resource.RUSAGE_SELF)
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
         now = time.time()
-        for b, sink in sinks.items():
-            if now >= due[b]:
-                sent[b] += 1
-                sink.emit(
-                    {"schema": "serenbox.event/1", "id": f"{b}:{sent[b]}", "type": "update", "device_id": b,
-                     "seq": sent[b], "sent_at": now, "emotion": "happy", "confidence": 0.83,
-                     "probabilities": {"angry": 0.01, "disgust": 0.0, "fear": 0.02, "happy": 0.83,
-                                       "neutral": 0.1, "sad": 0.03, "surprise": 0.01}}
-                )  # fmt: skip
-                due[b] += period
-        if now >= next_poll:
-            next_poll = now + 0.1
-            sample(now)
-            if os.environ.get("BENCH_FLEET_TRACE") and int(now * 10) % 10 == 0:
-                depth = sum(s.counters()["spool_depth"] for s in sinks.values())
-                print(f"trace +{now - start_at:.0f}s {os.getpid()}: impaired {sum(impaired.values())}/{len(boxes)},"
-                      f" spooled {depth}", file=sys.stderr, flush=True)  # fmt: skip
-        time.sleep(0.01)
+        sample(now)
+        if os.environ.get("BENCH_FLEET_TRACE") and int(now * 10) % 10 == 0:
+            depth = sum(s.counters()["spool_depth"] for s in sinks.values())
+            print(f"trace +{now - start_at:.0f}s {os.getpid()}: impaired {sum(impaired.values())}/{len(boxes)},"
+                  f" spooled {depth}", file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(max(0.0, now + SAMPLE_EVERY_S - time.time()))
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = {"user": cpu.ru_utime - cpu_at_start.ru_utime, "sys": cpu.ru_stime - cpu_at_start.ru_stime}
     deadline = time.time() + DRAIN_TIMEOUT_S
     while time.time() < deadline and any(s.counters()["spool_depth"] for s in sinks.values()):
         sample(time.time())
-        time.sleep(0.1)
+        time.sleep(SAMPLE_EVERY_S)
     sample(time.time())
     depth = {b: s.counters()["spool_depth"] for b, s in sinks.items()}
     stuck = {b: {k: sinks[b].counters()[k] for k in ("mqtt_connected", "mqtt_node", "mqtt_failovers")}
@@ -116,9 +149,9 @@ def box_worker(
     failovers = sum(s.counters()["mqtt_failovers"] for s in sinks.values())
     for s in sinks.values():
         s.close()
-    Path(out).write_text(
-        json.dumps({"sent": sent, "transitions": transitions, "depth": depth, "failovers": failovers, "stuck": stuck})
-    )
+    lag = sorted(x for each in lags for x in each)[:: max(1, sum(map(len, lags)) // 2000)]  # quantiles kept
+    result = {"sent": sent, "transitions": transitions, "depth": depth, "failovers": failovers, "stuck": stuck}
+    Path(out).write_text(json.dumps({**result, "lag": lag, "cpu_s": cpu_s}))
 
 
 Seen = dict[str, list[tuple[float, float]]]  # event id -> (arrival, sent_at) per delivery
@@ -132,6 +165,17 @@ def consume(group: NatsGroup, seen: Seen, stop: threading.Event) -> None:
                 seen.setdefault(e["id"], []).append((time.time(), e["sent_at"]))
                 if stop.is_set():
                     break
+
+
+def node_cpu_s(node: Any) -> float:
+    """CPU seconds (user + system) a running nats-server node has used so far."""
+    if not node.running:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,10 +195,16 @@ def main() -> int:
     ap.add_argument("--max-kills", type=int, default=4)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--consumers", type=int, default=1)
+    ap.add_argument("--emitters", type=int, default=10, help="emitting threads per worker process")
+    ap.add_argument("--ack-timeout", type=float, default=10.0, help="the boxes' mqtt.ack_timeout_s")
     args = ap.parse_args()
-    if args.boxes < 1 or args.rate <= 0 or args.duration <= 0 or args.workers < 1 or args.consumers < 1:
-        ap.error("--boxes, --rate, --duration, --workers and --consumers must be positive")
+    if args.boxes < 1 or args.rate <= 0 or args.duration <= 0 or args.workers < 1 or args.consumers < 1 \
+            or args.emitters < 1 or args.ack_timeout < 1:  # fmt: skip
+        ap.error("--boxes, --rate, --duration, --workers, --consumers and --emitters must be positive, "
+                 "--ack-timeout at least 1")  # fmt: skip
     logging.basicConfig(level=logging.ERROR)
+    # A `timeout` or a kill of the run must still stop the nodes and box processes (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # paho waits on its sockets with select(), which cannot watch a descriptor above 1023; a box
     # uses about 7 (socket, wake-up pair, SQLite files), so a process holds at most this many.
     workers = max(args.workers, math.ceil(args.boxes / BOXES_PER_PROCESS))
@@ -186,7 +236,17 @@ def main() -> int:
             procs = [
                 ctx.Process(
                     target=box_worker,
-                    args=(share, cluster.mqtt_hosts(), args.rate, args.duration, f"{tmp}/state", start_at, out),
+                    args=(
+                        share,
+                        cluster.mqtt_hosts(),
+                        args.rate,
+                        args.duration,
+                        f"{tmp}/state",
+                        start_at,
+                        out,
+                        args.emitters,
+                        args.ack_timeout,
+                    ),
                 )
                 for share, out in zip(shares, outs, strict=True)
                 if share
@@ -196,6 +256,8 @@ def main() -> int:
             kills: list[tuple[float, int, float]] = []  # (killed at, node, whole and current again at)
             load: list[float] = []
             victim = 0
+            nats_cpu = -sum(node_cpu_s(n) for n in cluster.nodes)
+            main_cpu = resource.getrusage(resource.RUSAGE_SELF)
             while time.time() < start_at + args.duration:
                 time.sleep(1.0)
                 load.append(os.getloadavg()[0])
@@ -203,6 +265,7 @@ def main() -> int:
                 if since > (len(kills) + 1) * args.kill_every and len(kills) < args.max_kills:
                     if since + args.down_s + 15 > args.duration:
                         continue  # too late for a full kill and return inside the run
+                    nats_cpu += node_cpu_s(cluster.nodes[victim])
                     cluster.kill(victim)
                     killed_at = time.time()
                     print(f"killed node n{victim + 1} at +{since:.1f} s", flush=True)
@@ -211,6 +274,9 @@ def main() -> int:
                     kills.append((killed_at, victim, time.time()))
                     print(f"node n{victim + 1} back, streams current at +{time.time() - start_at:.1f} s", flush=True)
                     victim = (victim + 1) % 3
+            nats_cpu += sum(node_cpu_s(n) for n in cluster.nodes)
+            end_cpu = resource.getrusage(resource.RUSAGE_SELF)
+            consumer_cpu = end_cpu.ru_utime + end_cpu.ru_stime - main_cpu.ru_utime - main_cpu.ru_stime
             for p in procs:
                 p.join(timeout=args.duration + DRAIN_TIMEOUT_S + 60)
             results = [json.loads(Path(o).read_text()) for o in outs if Path(o).exists()]
@@ -306,11 +372,20 @@ def main() -> int:
           f"{received / span:.0f} events/s received")  # fmt: skip
     ms = 1000.0
     p50, p99 = percentile(all_lat, 0.5) * ms, percentile(all_lat, 0.99) * ms
+    lag = sorted(x for r in results for x in r["lag"])
+    print(f"simulator lateness (an emit after its due time): p50 {percentile(lag, 0.5) * 1000:.0f} ms, "
+          f"p99 {percentile(lag, 0.99) * 1000:.0f} ms, max {max(lag, default=0) * 1000:.0f} ms")  # fmt: skip
     print(f"latency box->consumer: p50 {p50:.0f} ms, p99 {p99:.0f} ms (all); "
           f"outside failovers p50 {percentile(steady_lat, 0.5) * ms:.0f} ms, "
           f"p99 {percentile(steady_lat, 0.99) * ms:.0f} ms ({len(steady_lat)} events)")  # fmt: skip
     print("recovery after a node kill (until every impaired box is connected with an empty spool): "
           + (", ".join(f"{r:.1f} s" for r in recoveries) or "no box was on a killed node"))  # fmt: skip
+    box_user = sum(r["cpu_s"]["user"] for r in results)
+    box_sys = sum(r["cpu_s"]["sys"] for r in results)
+    per_event_us = (box_user + box_sys) / max(1, total_sent) * 1e6
+    print(f"CPU while sending ({span:g} s): boxes {box_user + box_sys:.1f} s (user {box_user:.1f}, "
+          f"system {box_sys:.1f}; {per_event_us:.0f} us per event), nats-servers {nats_cpu:.1f} s, "
+          f"consumer and this script {consumer_cpu:.1f} s")  # fmt: skip
     print(f"load average (1 min) during the run: max {max(load, default=0):.1f}, "
           f"mean {sum(load) / max(1, len(load)):.1f} on {os.cpu_count()} CPUs")  # fmt: skip
     return 0 if lost == 0 and not any(spooled.values()) else 1

@@ -28,6 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 HOST = "127.0.0.1"
 # A fresh cluster elects its JetStream meta leader and creates the MQTT streams in about 10 s here.
 READY_TIMEOUT_S = 60.0
+# A CONNECT waits for JetStream (the session record) up to the gateway's 4 s request timeout: on a
+# loaded cluster (1 000 boxes reconnecting to a restarted node) a 2 s probe never saw it ready.
+PROBE_TIMEOUT_S = 6.0
 MQTT_STREAMS = ("$MQTT_msgs", "$MQTT_sess", "$MQTT_rmsgs")  # what the gateway keeps in JetStream
 
 
@@ -124,7 +127,7 @@ mqtt {{
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def mqtt_ready(self, timeout: float = 2.0) -> bool:
+    def mqtt_ready(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
         """True when an MQTT 3.1.1 client with a persistent session is accepted (JetStream is up)."""
         ok: list[bool] = []
         c = mqtt.Client(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -397,4 +398,57 @@ def test_spool_bound_drops_oldest_and_reports_it(tmp_path: Path) -> None:
         sink.stats({"fps": 1.0})
         w.wait_for(lambda: w.on("/stats"), what="stats")
         assert w.on("/stats")[0].json()["spool_dropped"] == 3
+        sink.close()
+
+
+def test_close_survives_the_network_thread_ending_inside_loop_stop(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # paho 2.2's loop_stop() checks its thread, then joins it; the thread clears that attribute as it
+    # ends, which it does on its own after disconnect(). On a loaded machine it ended in between and
+    # close() raised AttributeError (one of ten simulator processes at 1 000 boxes). Here the thread
+    # is made to end exactly there: loop_stop() asks threading.current_thread() between the two.
+    import paho.mqtt.client as paho
+
+    sink = MqttSink(config(broker, tmp_path))
+    sink.start()
+    wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+    sink.emit(event(1))
+    wait(lambda: sink.counters()["spool_depth"] == 0, what="event delivered")
+    network = sink._client._thread
+    real = threading.current_thread
+
+    def network_thread_ends_first() -> threading.Thread:
+        me = real()
+        if sys._getframe(1).f_code.co_name == "loop_stop" and network is not None and me is not network:
+            network.join(timeout=10)
+        return me
+
+    monkeypatch.setattr(paho.threading, "current_thread", network_thread_ends_first)
+    sink.close()  # raised AttributeError: 'NoneType' object has no attribute 'join'
+    monkeypatch.undo()
+    assert network is not None and not network.is_alive()
+    assert sink.counters()["spool_depth"] == 0
+
+
+def test_a_lost_connection_never_waits_for_the_publisher(broker: Mosquitto, tmp_path: Path) -> None:
+    # paho may report a lost connection from inside its own message lock (a write failing while it
+    # handles a CONNACK). The handler used to take the publisher's lock there, while the publisher,
+    # holding it, waited for paho's lock in publish(): 1 000 boxes hung for good that way. So the
+    # network thread must get through a disconnect while the publisher's lock is held.
+    with Watcher(broker, [f"serenbox/{DEVICE}/events"]) as w:
+        sink = MqttSink(config(broker, tmp_path))
+        sink.start()
+        wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+        with sink._pub:  # the publisher, busy handing events to paho
+            sock = sink._client.socket()
+            assert sock is not None
+            sock.shutdown(socket.SHUT_RDWR)
+            deadline = time.monotonic() + 5
+            while sink.counters()["mqtt_connected"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not sink.counters()["mqtt_connected"], "the network thread waited for the publisher's lock"
+            sink.emit(event(1))
+        wait(lambda: sink.counters()["mqtt_connected"], what="reconnection")
+        w.wait_for(lambda: len(ids(w)) >= 1, what="the event sent after the reconnection")
         sink.close()

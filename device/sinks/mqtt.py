@@ -12,7 +12,8 @@ Delivery design (see docs/mqtt.md):
 
 Locks (acquired only in this order, so paho's callbacks cannot deadlock with the publisher):
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
-`on_publish` holding its message lock, so that callback only touches `_cond`.
+`on_publish`, and at times `on_disconnect`, holding its message lock, so those callbacks only
+touch `_cond`.
 
 A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. After
 a lost connection or an unreachable node the next attempt goes to the next node in the list (the
@@ -84,16 +85,22 @@ class _NodeClient(mqtt.Client):
 
     paho's loop retries the address it was first given; a cluster wants the next node instead."""
 
-    def __init__(self, *args: Any, pick: Callable[[bool], tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pick: Callable[[bool], tuple[str, int]], wire: threading.Lock, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._pick = pick
+        self._wire = wire
         self._first_attempt = True
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
-        # Runs on paho's network thread with the socket closed: the address may change here.
-        self._host, self._port = self._pick(self._first_attempt)
-        self._first_attempt = False
-        return super().reconnect()
+        # Runs on paho's network thread with the socket closed: the address may change here. Under
+        # `_wire` (MqttSink._publish): a publish that slipped in after the loss lands in the queue
+        # this empties, never between it and the new CONNECT (a broker closes on that).
+        with self._wire:
+            self._host, self._port = self._pick(self._first_attempt)
+            self._first_attempt = False
+            return super().reconnect()
 
 
 class _PahoRetryNoise(logging.Filter):
@@ -146,8 +153,12 @@ class MqttSink(Sink):
         self._announce_timer: threading.Timer | None = None  # guarded by _cond
 
         self._pub = threading.RLock()
+        # Held around each publish and around paho's reconnect (`_NodeClient`), after `_pub` and
+        # before paho's locks; paho's callbacks never take it.
+        self._wire = threading.Lock()
         # Guarded by _pub: connection view of the publisher.
         self._connected = False
+        self._connection = 0  # connections made so far; the one a disconnect ends is forgotten once
         # Last rowid and last memory number handed to paho on this connection (backlog.advance).
         self._cursor = (0, 0)
         self._inflight: dict[int, Key] = {}  # paho mid -> backlog key
@@ -168,6 +179,7 @@ class MqttSink(Sink):
         self._handler: CommandHandler | None = None
         self._refusal_logged: str | None = None
         self._reassert = False
+        self._lost_connection: int | None = None  # set by paho's thread, handled by the publisher
 
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="serenbox-mqtt", daemon=True)
@@ -193,7 +205,7 @@ class MqttSink(Sink):
     def stats(self, stats: dict[str, Any]) -> None:
         # QoS 0, not spooled: the next report supersedes a lost one.
         payload = json.dumps({**stats, **self.counters()}, separators=(",", ":"))
-        self._client.publish(self.topics.stats, payload, qos=0)
+        self._publish(self.topics.stats, payload, qos=0)
 
     def problem(self) -> str | None:
         if self._stopping:
@@ -242,13 +254,13 @@ class MqttSink(Sink):
                 if not self._inflight:
                     break
             time.sleep(0.02)
-        if self._connected:
-            info = client.publish(self.topics.availability, "offline", qos=1, retain=True)
+        info = self._publish(self.topics.availability, "offline", qos=1, retain=True)
+        if info is not None:
             # The connection may go away meanwhile; the Last Will says offline instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
         client.disconnect()
-        client.loop_stop()
+        _stop_network_thread(client)
         self._collect_acks()
         self._backlog.close()
 
@@ -266,6 +278,7 @@ class MqttSink(Sink):
         client = _NodeClient(
             CallbackAPIVersion.VERSION2,
             pick=self._pick_node,
+            wire=self._wire,
             client_id=self._client_id,
             protocol=self._protocol,
             # A clean session: the spool is what remembers unsent events, never the broker.
@@ -355,7 +368,7 @@ class MqttSink(Sink):
             properties = Properties(PacketTypes.PUBLISH)
             expiry = AVAILABILITY_EXPIRY_INTERVALS * self._availability_every_s
             properties.MessageExpiryInterval = max(1, round(expiry))
-        client.publish(self.topics.availability, "online", qos=1, retain=True, properties=properties)
+        self._publish(self.topics.availability, "online", qos=1, retain=True, properties=properties)
         self._availability_at = time.monotonic()
 
     def _guarded(self, callback: Any) -> Any:
@@ -402,9 +415,17 @@ class MqttSink(Sink):
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: mqtt.DisconnectFlags, reason: ReasonCode, _p: Properties | None
     ) -> None:
-        with self._pub:
-            was_connected = self._connected
-            self._reset_connection(connected=False)
+        # paho calls this from inside its own locks at times (a write that fails while it handles a
+        # CONNACK, holding its message lock): taking `_pub` here deadlocked with the publisher, which
+        # holds `_pub` and waits for that lock in publish(), and dropping paho's messages here changed
+        # them under paho's own loop (seen at 1 000 boxes). So only record; the publisher thread
+        # forgets the connection (`_forget`). A stale True read meanwhile queues a batch on a dead client.
+        was_connected = self._connected
+        self._connected = False
+        with self._cond:
+            self._lost_connection = self._connection
+            self._kick = True
+            self._cond.notify()
         self._outcome = "lost" if was_connected else "refused"
         if was_connected and not self._stopping:
             log.warning(
@@ -466,7 +487,7 @@ class MqttSink(Sink):
     def _announce(self, client: mqtt.Client) -> None:
         """The retained discovery config. Needs `_pub`."""
         assert self._ha_topic is not None
-        client.publish(self._ha_topic, self._ha_payload, qos=1, retain=True)
+        self._publish(self._ha_topic, self._ha_payload, qos=1, retain=True)
 
     def _schedule_announce(self) -> None:
         delay = random.uniform(*ANNOUNCE_DELAY_S)
@@ -494,6 +515,18 @@ class MqttSink(Sink):
 
     # ----- publisher thread -----------------------------------------------------------------
 
+    def _publish(
+        self, topic: str, payload: str | bytes, qos: int, retain: bool = False, properties: Properties | None = None
+    ) -> mqtt.MQTTMessageInfo | None:
+        """Hand one message to paho, unless the connection is gone (None). paho queues whatever it is
+        given, connected or not, and a publish racing a reconnect could go out before the CONNECT."""
+        if not self._connected:
+            return None
+        with self._wire:
+            if not self._connected:
+                return None
+            return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
     def _wake(self) -> None:
         with self._cond:
             self._kick = True
@@ -506,6 +539,14 @@ class MqttSink(Sink):
         self._inflight.clear()
         self._cursor = (0, 0)
         self._connected = connected
+        if connected:
+            self._connection += 1
+
+    def _forget(self, connection: int) -> None:
+        """The publisher's half of a disconnect: unless a newer connection has come meanwhile."""
+        with self._pub:
+            if connection == self._connection:
+                self._reset_connection(connected=False)
 
     def _collect_acks(self) -> None:
         with self._pub:
@@ -535,8 +576,11 @@ class MqttSink(Sink):
                     self._cond.wait(timeout=self._due_in())
                 self._kick = False
                 stopping, fallback, reassert = self._stopping, self._fallback, self._reassert
+                lost, self._lost_connection = self._lost_connection, None
                 self._fallback = False
             try:
+                if lost is not None:
+                    self._forget(lost)
                 if fallback:
                     self._fall_back_to_311()
                 self._pump()
@@ -563,7 +607,9 @@ class MqttSink(Sink):
                 if rows and not self._inflight:
                     self._ack_progress_at = time.monotonic()
                 for key, payload in rows:
-                    info = self._client.publish(self.topics.events, payload, qos=1)
+                    info = self._publish(self.topics.events, payload, qos=1)
+                    if info is None:
+                        return  # lost meanwhile: the connection's handler wakes this thread
                     self._inflight[info.mid] = key
                     self._cursor = advance(self._cursor, key)
                 if len(rows) < room:
@@ -633,18 +679,30 @@ class MqttSink(Sink):
             limited = time.monotonic() - self._state_sent_at < self._m.state_interval_s
             if limited and self._state_sent is not None and not force:
                 return  # rate-limited; _state_due_in wakes the thread when it may go
-            self._client.publish(self.topics.state, latest, qos=1, retain=True)
+            if self._publish(self.topics.state, latest, qos=1, retain=True) is None:
+                return
             self._state_sent, self._state_sent_at = latest, time.monotonic()
 
     def _fall_back_to_311(self) -> None:
         old = self._client
-        old.loop_stop()
+        _stop_network_thread(old)
         old.disconnect()
         self._protocol = MQTTProtocolVersion.MQTTv311
         with self._pub:
             self._client = self._make_client()
             self._reset_connection(connected=False)
         self._connect(self._client)
+
+
+def _stop_network_thread(client: mqtt.Client) -> None:
+    """`loop_stop()`, without paho 2.2's race: it reads its thread three times, and the thread sets it
+    to None as it ends; a loop that ends on its own meanwhile (after `disconnect()`) made it raise
+    AttributeError, and close() with it (seen at 1 000 boxes on 2 cores, docs/fleet.md)."""
+    thread = getattr(client, "_thread", None)
+    with contextlib.suppress(AttributeError):
+        client.loop_stop()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
 
 
 def _credentials(client: mqtt.Client, cfg: Config) -> None:
@@ -723,4 +781,4 @@ def _publish_removal(cfg: Config, topic: str, host: str, port: int, timeout: flo
             raise ConnectionError(f"the MQTT broker {where} did not acknowledge the removal within {timeout:.0f} s")
     finally:
         client.disconnect()
-        client.loop_stop()
+        _stop_network_thread(client)
