@@ -2,16 +2,8 @@
 
 An event is appended (and committed) before anyone tries to publish it and deleted only once the
 broker has acknowledged it, so a crash, a power cut or a long broker outage loses nothing that
-fits within the bounds.
-
-Only an append waits for the disk (an fsync of the WAL, `synchronous=FULL`). A delete is committed
-without one (`synchronous=NORMAL`): a killed process keeps it, and the next append's fsync makes
-it durable with it, as the WAL is one file written in order. A power cut can therefore undo only
-the deletes since the last append, and those events are sent again (duplicates, which consumers
-drop by id), never lost. That halves the fsyncs per event, which an SD card wears by.
-
-Rowids come from AUTOINCREMENT so they never repeat: they are the publication order, even across
-restarts.
+fits within the bounds. Rowids come from AUTOINCREMENT so they never repeat: they are the
+publication order, even across restarts.
 
 A damaged spool file (SD cards do fail) must not stop the daemon nor cost the events that are
 still readable: the file is moved aside, every readable row is copied into a fresh spool with its
@@ -47,9 +39,7 @@ _SALVAGE_BLIND_PROBES = 100_000
 # so a spool that is empty takes almost no disk and frees what it took once it empties.
 _WAL_AUTOCHECKPOINT_PAGES = 64
 _WAL_LIMIT_BYTES = 256 * 1024
-# A box that delivers at once empties its spool after every event: truncating the WAL each time
-# would be a checkpoint (two more fsyncs) every few events for a few pages of disk.
-_TRUNCATE_EVERY_S = 60.0
+_TRUNCATE_EVERY_S = 5.0
 SQLITE_HEADER = b"SQLite format 3\0"
 
 
@@ -78,7 +68,6 @@ class Spool:
         self.lost_to_corruption = 0  # unreadable rows of a damaged spool file, this run
         self._lock = threading.Lock()
         self._last_age_check = 0.0
-        self._synchronous = ""  # the mode the connection is in: FULL for appends, NORMAL for deletes
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -106,8 +95,8 @@ class Spool:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._synchronous = ""
-            self._sync("FULL")
+            # FULL: a commit survives a power cut, not only a killed process (NORMAL would).
+            self._db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             self._db.execute(
@@ -162,25 +151,14 @@ class Spool:
     def __len__(self) -> int:
         return max(0, self._count)
 
-    def _sync(self, mode: str) -> None:
-        """FULL: the commit survives a power cut (an fsync); NORMAL: it survives a killed process.
-        Appends are FULL unless the spool was opened `durable=False`. Needs `_lock`."""
-        mode = mode if self.durable else "NORMAL"
-        if mode != self._synchronous:
-            self._db.execute(f"PRAGMA synchronous={mode}")
-            self._synchronous = mode
-
     def append(self, payload: str, now: float | None = None) -> int:
         """Store one payload durably; returns its rowid (the publication order)."""
         now = time.time() if now is None else now
         with self._lock:
             try:
-
-                def run() -> sqlite3.Cursor:
-                    self._sync("FULL")
-                    return self._db.execute("INSERT INTO events (created, payload) VALUES (?, ?)", (now, payload))
-
-                cur = self._retry_if_corrupt(run)
+                cur = self._retry_if_corrupt(
+                    lambda: self._db.execute("INSERT INTO events (created, payload) VALUES (?, ?)", (now, payload))
+                )
                 self._count += 1
                 self._enforce_bounds(now)
             except sqlite3.Error as e:
@@ -209,8 +187,6 @@ class Spool:
 
             def run() -> int:
                 try:
-                    # Not synced: undone by a power cut at worst, which re-sends, never loses (module doc).
-                    self._sync("NORMAL")
                     self._db.execute("BEGIN")
                     cur = self._db.executemany("DELETE FROM events WHERE id = ?", ids)
                     self._db.execute("COMMIT")

@@ -110,7 +110,7 @@ def test_the_wal_stays_small_and_is_given_back_when_the_spool_empties(
 ) -> None:
     # With the broker up every event is written and deleted a moment later; SQLite's default
     # WAL grew to 4 MB that way and never shrank, filling a small disk.
-    monkeypatch.setattr("serenbox.device.spool._TRUNCATE_EVERY_S", 2.0)  # once a minute in the product
+    monkeypatch.setattr("serenbox.device.spool._TRUNCATE_EVERY_S", 2.0)  # 5 s in the product
     path = tmp_path / "spool.sqlite"
     spool = Spool(path, 100_000, 3600)
     wal = Path(f"{path}-wal")
