@@ -1,6 +1,6 @@
 """Every face detector side by side on one robustness grid: speed, recall per cell, false positives.
 
-    python benchmarks/bench_detectors.py [--per-cell N] [--plot PNG] [--quick]
+    python benchmarks/bench_detectors.py [--per-cell N] [--backends haar,blaze-short] [--plot PNG] [--quick]
 
 Frames are 640×480 scenes built from real photos: scikit-image's astronaut head (and FER2013
 faces from ../shared/fer2013, upscaled, when that folder is there) pasted with a known face box
@@ -369,13 +369,20 @@ def alignment_check(fer_x: np.ndarray, fer_y: np.ndarray, count: int, rng: np.ra
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--per-cell", type=int, default=10, help="face frames per grid cell")
+    parser.add_argument(
+        "--per-cell", type=int, default=30, help="face frames per grid cell (at 10 one face moves a cell 10 points)"
+    )
     parser.add_argument("--free", type=int, default=192, help="face-free frames")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "faces" / "recall_vs_size.png")
     parser.add_argument("--quick", action="store_true", help="2 frames per cell, 16 face-free frames")
     parser.add_argument("--classify", type=int, default=200, help="FER2013 faces for the classifier check (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    names = [name for name, _ in BACKENDS]
+    parser.add_argument("--backends", default=",".join(names), help=f"comma-separated, of: {', '.join(names)}")
     args = parser.parse_args(argv)
+    chosen = args.backends.split(",")
+    if unknown := [n for n in chosen if n not in names]:
+        parser.error(f"--backends: unknown {', '.join(unknown)} (choose from {', '.join(names)})")
     if args.quick:
         args.per_cell, args.free, args.classify = 2, 16, 40
     cv2.setNumThreads(1)
@@ -396,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(samples)} frames ({args.per_cell} per cell, {args.free} face-free) built in {built:.1f} s")
 
     detectors: dict[str, FaceDetector] = {}
-    for name, overrides in BACKENDS:
+    for name, overrides in (b for b in BACKENDS if b[0] in chosen):
         detectors[name] = build_detector(DetectorConfig(**{"num_threads": 1, **overrides}))
         detectors[name].detect(samples[0].image)  # warm up: first-call allocations are not per-frame cost
     results = {name: Result() for name in detectors}

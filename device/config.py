@@ -99,7 +99,7 @@ class DetectorConfig:
     # blazeface only: "short" (runs at any input size) or "full" (fixed 192×192 input: slower and finds
     # fewer faces in bench_detectors, but fewer false ones; docs/model-card.md, "Faces")
     blazeface_model: Literal["short", "full"] = "short"
-    # null: the model's own (short 0.4, with the second look; full 0.5); lower finds more faces and more non-faces
+    # null: the model's own (short 0.35, with the second look; full 0.5); lower finds more faces and more non-faces
     score_threshold: float | None = _f(None, **_range(0, 1, lo_open=True))
     # short only: a candidate is kept only if a second, centred look scores this much (0: no second look)
     verify_threshold: float = _f(0.7, **_range(0, 1))

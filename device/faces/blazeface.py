@@ -36,7 +36,7 @@ CONFIDENT = 0.8
 # (bench_detectors scenes: 40 px faces rolled 30° boxed 36-40 px at 320x240, 40-43 px at min_face 16):
 # the size floor allows that much, so that a min_face face is not dropped for a few pixels.
 MIN_FACE_SLACK = 0.85
-MAX_INTERPRETERS = 6  # input sizes kept loaded (a camera needs two, plus the native one)
+MAX_INTERPRETERS = 6  # input sizes kept loaded (a camera needs two, plus the second look's)
 STRIDE = 16  # the coarsest feature map's stride: a resized input must be a multiple of it
 # Gray level → model input in [-1, 1], looked up rather than computed per pixel.
 _TO_INPUT = (np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).astype(np.float32)
@@ -59,10 +59,17 @@ class ModelSpec:
     # full-range model is seldom fooled, and scores faces that fill a window poorly.
     verify: bool
     score_threshold: float  # detector.score_threshold when that is null
+    # The second look's input side. 112 rather than the native 128: on five seeds of
+    # bench_detectors' scenes it left no cell below Haar where 128 left one or two in four of
+    # them (blurred 60 px faces), with as few false faces, at 1.07 ms a look against 1.40 ms
+    # (docs/faces/records/second_look_2026-12-06.md).
+    verify_size: int = 0
 
 
 MODELS: dict[str, ModelSpec] = {
-    "short": ModelSpec("face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0, True, 0.4),
+    "short": ModelSpec(
+        "face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2, True, 20.0, 160.0, True, 0.35, 112
+    ),
     "full": ModelSpec("face_detection_full_range_sparse.tflite", 192, (4,), 1, False, 16.0, 192.0, False, 0.5),
 }
 
@@ -136,8 +143,11 @@ class BlazeFaceDetector(FaceDetector):
         threshold = self.spec.score_threshold if cfg.score_threshold is None else cfg.score_threshold
         self._logit_threshold = math.log(threshold / (1 - threshold)) if threshold < 1 else math.inf
         self._passes: dict[tuple[int, int], list[Pass]] = {}
-        # Load now, so that a broken file is reported at start-up rather than at the first frame.
-        self._interpreter((self.spec.size, self.spec.size))
+        # Load now, so that a broken file is reported at start-up rather than at the first frame;
+        # the second look's size, as every frame with an unsure candidate needs it.
+        side = self.spec.verify_size if self.spec.verify else self.spec.size
+        self._resident = (side, side)
+        self._interpreter(self._resident)
         self.last: list[Detection] = []  # the detections behind the latest detect(), landmarks included
 
     def _interpreter(self, input_hw: tuple[int, int]) -> tuple[Any, int, int, int, np.ndarray]:
@@ -146,28 +156,37 @@ class BlazeFaceDetector(FaceDetector):
             return self._interpreters[input_hw]
         from serenbox.device.interpreter import load_interpreter
 
+        native = (self.spec.size, self.spec.size)
         try:
             interpreter = load_interpreter(str(self.path), self.cfg.num_threads)
             index = interpreter.get_input_details()[0]["index"]
-            if input_hw != (self.spec.size, self.spec.size):
+            # Checked at the native size first: another model would fail the resize with a
+            # message about shapes rather than about what the file is.
+            self._check_outputs(interpreter, native)
+            if input_hw != native:
                 interpreter.resize_tensor_input(index, [1, *input_hw, 3])
                 interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DetectorError(f"detector.kind: blazeface: {self.path} cannot be loaded ({first})") from None
         centres = anchors(self.spec, *input_hw)
-        # Boxes (N, 16) and logits (N, 1) are told apart by shape: names differ between releases.
-        outputs = {d["shape"][-1]: d for d in interpreter.get_output_details()}
-        if set(outputs) != {16, 1} or any(d["shape"][1] != len(centres) for d in outputs.values()):
-            raise DetectorError(f"detector.kind: blazeface: {self.path} does not have BlazeFace's outputs")
+        outputs = self._check_outputs(interpreter, input_hw)
         entry = (interpreter, index, outputs[16]["index"], outputs[1]["index"], centres)
         if len(self._interpreters) >= MAX_INTERPRETERS:
             # `serenbox classify` over photos of many sizes must not keep an interpreter for each.
-            native = (self.spec.size, self.spec.size)
-            del self._interpreters[next(k for k in self._interpreters if k != native)]
+            del self._interpreters[next(k for k in self._interpreters if k != self._resident)]
             self._passes.clear()
         self._interpreters[input_hw] = entry
         return entry
+
+    def _check_outputs(self, interpreter: Any, input_hw: tuple[int, int]) -> dict[int, dict]:
+        """The boxes (N, 16) and logits (N, 1) outputs, told apart by shape (names differ
+        between releases), with one row per anchor of this input size."""
+        outputs = {d["shape"][-1]: d for d in interpreter.get_output_details()}
+        count = len(anchors(self.spec, *input_hw))
+        if set(outputs) != {16, 1} or any(len(d["shape"]) < 2 or d["shape"][1] != count for d in outputs.values()):
+            raise DetectorError(f"detector.kind: blazeface: {self.path} does not have BlazeFace's outputs")
+        return outputs
 
     # --- which parts of a frame go through the model, at which size ---------------------------
 
@@ -249,11 +268,11 @@ class BlazeFaceDetector(FaceDetector):
         return [Detection(*corners[i], float(scores[i]), marks[i]) for i in range(len(keep))], small
 
     def _verified(self, gray: np.ndarray, d: Detection) -> bool:
-        """A second look at a candidate, centred and at the model's native scale, where a real
-        face scores high and most textures that fooled the whole-frame pass do not."""
+        """A second look at a candidate, centred and at about the scale the model was trained
+        for, where a real face scores high and most textures that fooled the whole-frame pass do not."""
         height, width = gray.shape[:2]
         window = _window_around(d, width, height, VERIFY_CONTEXT)
-        again, _ = self._infer(gray, Pass(window, (self.spec.size, self.spec.size)))
+        again, _ = self._infer(gray, Pass(window, self._resident))
         if not again:
             return False
         box = np.array([d.x0, d.y0, d.x1, d.y1], np.float32)
