@@ -157,20 +157,20 @@ class BlazeFaceDetector(FaceDetector):
         from serenbox.device.interpreter import load_interpreter
 
         native = (self.spec.size, self.spec.size)
+        centres = anchors(self.spec, *input_hw)
         try:
             interpreter = load_interpreter(str(self.path), self.cfg.num_threads)
             index = interpreter.get_input_details()[0]["index"]
-            # Checked at the native size first: another model would fail the resize with a
-            # message about shapes rather than about what the file is.
-            self._check_outputs(interpreter, native)
             if input_hw != native:
+                # Checked at the native size first: another model would fail the resize with a
+                # message about shapes rather than about what the file is.
+                self._check_outputs(interpreter, len(anchors(self.spec, *native)))
                 interpreter.resize_tensor_input(index, [1, *input_hw, 3])
                 interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DetectorError(f"detector.kind: blazeface: {self.path} cannot be loaded ({first})") from None
-        centres = anchors(self.spec, *input_hw)
-        outputs = self._check_outputs(interpreter, input_hw)
+        outputs = self._check_outputs(interpreter, len(centres))
         entry = (interpreter, index, outputs[16]["index"], outputs[1]["index"], centres)
         if len(self._interpreters) >= MAX_INTERPRETERS:
             # `serenbox classify` over photos of many sizes must not keep an interpreter for each.
@@ -179,11 +179,10 @@ class BlazeFaceDetector(FaceDetector):
         self._interpreters[input_hw] = entry
         return entry
 
-    def _check_outputs(self, interpreter: Any, input_hw: tuple[int, int]) -> dict[int, dict]:
+    def _check_outputs(self, interpreter: Any, count: int) -> dict[int, dict]:
         """The boxes (N, 16) and logits (N, 1) outputs, told apart by shape (names differ
-        between releases), with one row per anchor of this input size."""
+        between releases), with one row for each of the input size's `count` anchors."""
         outputs = {d["shape"][-1]: d for d in interpreter.get_output_details()}
-        count = len(anchors(self.spec, *input_hw))
         if set(outputs) != {16, 1} or any(len(d["shape"]) < 2 or d["shape"][1] != count for d in outputs.values()):
             raise DetectorError(f"detector.kind: blazeface: {self.path} does not have BlazeFace's outputs")
         return outputs
