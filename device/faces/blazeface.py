@@ -62,7 +62,7 @@ class ModelSpec:
     # The second look's input side. 112 rather than the native 128: on five seeds of
     # bench_detectors' scenes it left no cell below Haar where 128 left one or two in four of
     # them (blurred 60 px faces), with as few false faces, at 1.07 ms a look against 1.40 ms
-    # (docs/faces/records/second_look_2026-12-06.md).
+    # (docs/records/faces/second_look_2026-12-06.md).
     verify_size: int = 0
 
 

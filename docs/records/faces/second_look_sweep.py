@@ -1,7 +1,7 @@
 """BlazeFace's first-pass score threshold and second-look input size on bench_detectors' scenes.
 
-    python docs/faces/records/second_look_sweep.py collect SEED      (from the repository root)
-    python docs/faces/records/second_look_sweep.py table SEED [SEED ...]
+    python docs/records/faces/second_look_sweep.py collect SEED      (from the repository root)
+    python docs/records/faces/second_look_sweep.py table SEED [SEED ...]
 
 `collect` runs BlazeFace short (one thread) over one seed's scenes (10 frames a cell, 192
 face-free) with the first pass at score 0.3, and stores, for every candidate the default would

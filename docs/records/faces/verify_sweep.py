@@ -1,7 +1,7 @@
 """BlazeFace's verify_threshold on bench_detectors' scenes for one seed: false faces per face-free
 frame and the grid cells where it finds fewer faces than Haar.
 
-    python docs/faces/records/verify_sweep.py SEED     (from the repository root)
+    python docs/records/faces/verify_sweep.py SEED     (from the repository root)
 """
 
 import sys
