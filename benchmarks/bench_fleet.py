@@ -3,6 +3,8 @@
     python benchmarks/bench_fleet.py [--boxes 100] [--rate 1] [--duration 60] [--kill-every 15]
                                      [--down-s 5] [--workers 4] [--consumers 1] [--emitters 10]
                                      [--ack-timeout 10]
+    python benchmarks/bench_fleet.py --hosts n1:1883,n2:1883,n3:1883 --nats nats://n1:4222,... \
+                                     [--box-prefix gen1] [--group gen1] [--boxes ...]
 
 Each box is the real MQTT sink (device/sinks/mqtt.py) with its own SQLite spool, `mqtt.hosts`
 naming all three nodes and a synthetic event source; the boxes run in `--workers` processes,
@@ -11,6 +13,12 @@ real box, and must not hold back the other boxes of its process).
 The back end is `--consumers` members of one NatsGroup (serenbox/nats_group.py). Every
 `--kill-every` seconds one node (in turn) is killed with SIGKILL and started again `--down-s`
 later. The script starts and stops the cluster itself (tests/nats_cluster.py).
+
+With `--hosts` (the nodes' MQTT listeners) and `--nats` (their NATS client URLs) it runs against
+a cluster that is already up, on other machines: it kills no node (kill one by hand and read the
+latency and "impaired" figures), and measures no node's CPU. Several load generators can share
+one cluster: give each its own `--box-prefix` and `--group` (each group reads every event and
+counts only its own generator's boxes).
 
 Prints: events sent, received, lost, duplicated, out of order (per box, at the consumer);
 throughput; p50/p99 box-to-consumer latency (all events, and outside failovers); the time for
@@ -197,7 +205,16 @@ def main() -> int:
     ap.add_argument("--consumers", type=int, default=1)
     ap.add_argument("--emitters", type=int, default=10, help="emitting threads per worker process")
     ap.add_argument("--ack-timeout", type=float, default=10.0, help="the boxes' mqtt.ack_timeout_s")
+    ap.add_argument("--hosts", default="", help="an external cluster's MQTT listeners, host:port,...")
+    ap.add_argument("--nats", default="", help="the same cluster's NATS client URLs (with --hosts)")
+    ap.add_argument("--box-prefix", default="box", help="box names are PREFIX-00000, ...")
+    ap.add_argument("--group", default="bench", help="the consumer group's name")
     args = ap.parse_args()
+    external = bool(args.hosts or args.nats)
+    if external and not (args.hosts and args.nats):
+        ap.error("--hosts and --nats go together: the boxes publish to the one, the consumer reads the other")
+    if any(c in args.box_prefix + args.group for c in " ./*>+#:") or not args.box_prefix or not args.group:
+        ap.error("--box-prefix and --group must be non-empty names without spaces, '.', '/', '*', '>', '+', '#' or ':'")
     if args.boxes < 1 or args.rate <= 0 or args.duration <= 0 or args.workers < 1 or args.consumers < 1 \
             or args.emitters < 1 or args.ack_timeout < 1:  # fmt: skip
         ap.error("--boxes, --rate, --duration, --workers, --consumers and --emitters must be positive, "
@@ -210,15 +227,20 @@ def main() -> int:
     workers = max(args.workers, math.ceil(args.boxes / BOXES_PER_PROCESS))
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        cluster = NatsCluster(Path(tmp) / "nats")
+        cluster = None if external else NatsCluster(Path(tmp) / "nats")
         t = time.monotonic()
         procs: list[Any] = []
         stop = threading.Event()
         try:
-            cluster.start()
-            print(f"cluster: 3 nodes ready in {time.monotonic() - t:.1f} s", flush=True)
+            if cluster is not None:
+                cluster.start()
+                print(f"cluster: 3 nodes ready in {time.monotonic() - t:.1f} s", flush=True)
+                mqtt_hosts, nats_urls = cluster.mqtt_hosts(), cluster.nats_urls()
+            else:
+                mqtt_hosts, nats_urls = args.hosts.split(","), args.nats.split(",")
+                print(f"external cluster: MQTT {', '.join(mqtt_hosts)}; NATS {', '.join(nats_urls)}", flush=True)
             seen: list[Seen] = [{} for _ in range(args.consumers)]
-            groups = [NatsGroup(cluster.nats_urls(), "bench", ack_wait_s=5, batch=500) for _ in range(args.consumers)]
+            groups = [NatsGroup(nats_urls, args.group, ack_wait_s=5, batch=500) for _ in range(args.consumers)]
             for g in groups:
                 g.open()  # the durable consumer exists before the first event
             consumers = [
@@ -228,7 +250,7 @@ def main() -> int:
             for c in consumers:
                 c.start()
 
-            names = [f"box-{i:05d}" for i in range(args.boxes)]
+            names = [f"{args.box_prefix}-{i:05d}" for i in range(args.boxes)]
             shares = [names[i::workers] for i in range(workers)]
             start_at = time.time() + 5.0 + args.boxes / 200  # time to connect every box first
             ctx = mp.get_context("spawn")
@@ -238,7 +260,7 @@ def main() -> int:
                     target=box_worker,
                     args=(
                         share,
-                        cluster.mqtt_hosts(),
+                        mqtt_hosts,
                         args.rate,
                         args.duration,
                         f"{tmp}/state",
@@ -256,13 +278,14 @@ def main() -> int:
             kills: list[tuple[float, int, float]] = []  # (killed at, node, whole and current again at)
             load: list[float] = []
             victim = 0
-            nats_cpu = -sum(node_cpu_s(n) for n in cluster.nodes)
+            nodes = cluster.nodes if cluster is not None else []
+            nats_cpu = -sum(node_cpu_s(n) for n in nodes)
             main_cpu = resource.getrusage(resource.RUSAGE_SELF)
             while time.time() < start_at + args.duration:
                 time.sleep(1.0)
                 load.append(os.getloadavg()[0])
                 since = time.time() - start_at
-                if since > (len(kills) + 1) * args.kill_every and len(kills) < args.max_kills:
+                if cluster is not None and since > (len(kills) + 1) * args.kill_every and len(kills) < args.max_kills:
                     if since + args.down_s + 15 > args.duration:
                         continue  # too late for a full kill and return inside the run
                     nats_cpu += node_cpu_s(cluster.nodes[victim])
@@ -274,7 +297,7 @@ def main() -> int:
                     kills.append((killed_at, victim, time.time()))
                     print(f"node n{victim + 1} back, streams current at +{time.time() - start_at:.1f} s", flush=True)
                     victim = (victim + 1) % 3
-            nats_cpu += sum(node_cpu_s(n) for n in cluster.nodes)
+            nats_cpu += sum(node_cpu_s(n) for n in nodes)
             end_cpu = resource.getrusage(resource.RUSAGE_SELF)
             consumer_cpu = end_cpu.ru_utime + end_cpu.ru_stime - main_cpu.ru_utime - main_cpu.ru_stime
             for p in procs:
@@ -285,7 +308,7 @@ def main() -> int:
             # Wait until the consumers have everything, or stop hearing anything.
             deadline = time.time() + 60
             while time.time() < deadline:
-                got = set().union(*seen)
+                got = {k for member in seen for k in member if k.startswith(f"{args.box_prefix}-")}
                 if len(got) >= total_sent:
                     break
                 time.sleep(1.0)
@@ -293,7 +316,7 @@ def main() -> int:
             for c in consumers:
                 c.join(timeout=10)
             if os.environ.get("BENCH_FLEET_KEEP_LOGS"):
-                for node in cluster.nodes:
+                for node in nodes:
                     keep = Path(os.environ["BENCH_FLEET_KEEP_LOGS"])
                     keep.mkdir(parents=True, exist_ok=True)
                     (keep / f"{node.name}.log").write_text(node.log())
@@ -303,11 +326,14 @@ def main() -> int:
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=10)
-            cluster.stop()
+            if cluster is not None:
+                cluster.stop()
 
     arrivals: Seen = {}
     for member in seen:
         for k, v in member.items():
+            if not k.startswith(f"{args.box_prefix}-"):
+                continue  # another load generator's box
             arrivals.setdefault(k, []).extend(v)
     received = len(arrivals)
     duplicates = sum(len(v) - 1 for v in arrivals.values())
@@ -320,7 +346,7 @@ def main() -> int:
     out_of_order = 0
     for member in seen:
         last: dict[str, int] = {}
-        for _, k in sorted((min(v)[0], k) for k, v in member.items()):
+        for _, k in sorted((min(v)[0], k) for k, v in member.items() if k in arrivals):
             box, seq = k.rsplit(":", 1)
             if int(seq) < last.get(box, 0):
                 out_of_order += 1
@@ -378,13 +404,17 @@ def main() -> int:
     print(f"latency box->consumer: p50 {p50:.0f} ms, p99 {p99:.0f} ms (all); "
           f"outside failovers p50 {percentile(steady_lat, 0.5) * ms:.0f} ms, "
           f"p99 {percentile(steady_lat, 0.99) * ms:.0f} ms ({len(steady_lat)} events)")  # fmt: skip
-    print("recovery after a node kill (until every impaired box is connected with an empty spool): "
-          + (", ".join(f"{r:.1f} s" for r in recoveries) or "no box was on a killed node"))  # fmt: skip
+    if cluster is None:
+        print("recovery after a node kill: not measured (an external cluster: this script kills no node)")
+    else:
+        print("recovery after a node kill (until every impaired box is connected with an empty spool): "
+              + (", ".join(f"{r:.1f} s" for r in recoveries) or "no box was on a killed node"))  # fmt: skip
     box_user = sum(r["cpu_s"]["user"] for r in results)
     box_sys = sum(r["cpu_s"]["sys"] for r in results)
     per_event_us = (box_user + box_sys) / max(1, total_sent) * 1e6
+    nats_text = f"{nats_cpu:.1f} s" if cluster is not None else "not measured (an external cluster)"
     print(f"CPU while sending ({span:g} s): boxes {box_user + box_sys:.1f} s (user {box_user:.1f}, "
-          f"system {box_sys:.1f}; {per_event_us:.0f} us per event), nats-servers {nats_cpu:.1f} s, "
+          f"system {box_sys:.1f}; {per_event_us:.0f} us per event), nats-servers {nats_text}, "
           f"consumer and this script {consumer_cpu:.1f} s")  # fmt: skip
     print(f"load average (1 min) during the run: max {max(load, default=0):.1f}, "
           f"mean {sum(load) / max(1, len(load)):.1f} on {os.cpu_count()} CPUs")  # fmt: skip

@@ -426,3 +426,56 @@ def test_nats_group_without_the_fleet_extra_says_what_to_install(monkeypatch: py
     monkeypatch.delitem(sys.modules, "serenbox.nats_group", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'serenbox\[fleet\]'"):
         serenbox.client.nats_group(["nats://127.0.0.1:4222"], "g")
+
+
+@needs_nats
+def test_two_load_generators_share_an_external_cluster(healthy: NatsCluster, tmp_path: Path) -> None:
+    # bench_fleet against nodes it did not start (a production cluster, several load machines):
+    # each generator counts its own boxes only, though its group reads every event.
+    hosts, urls = ",".join(healthy.mqtt_hosts()), ",".join(healthy.nats_urls())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks/bench_fleet.py"),
+                "--hosts",
+                hosts,
+                "--nats",
+                urls,
+                "--box-prefix",
+                name,
+                "--group",
+                name,
+                "--boxes",
+                str(boxes),
+                "--duration",
+                "4",
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for name, boxes in (("gen1", 5), ("gen2", 3))
+    ]
+    outs = [r.communicate(timeout=150)[0] for r in runs]
+    for out, boxes, r in zip(outs, (5, 3), runs, strict=True):
+        assert r.returncode == 0, out[-2000:]
+        assert "external cluster" in out and "killed node n" not in out
+        sent = int(out.split("events sent: ")[1].split()[0])
+        assert sent >= boxes * 3, out[-2000:]  # about one event per box per second, for 4 s
+        assert f"received: {sent}  lost: 0  duplicated: 0  out of order: 0" in out, out[-2000:]
+        assert f"per box: {boxes} boxes, 0 with a loss" in out, out[-2000:]
+
+
+@needs_nats
+def test_bench_fleet_refuses_half_an_external_cluster() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_fleet.py"), "--hosts", "127.0.0.1:1883"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--hosts and --nats go together" in out.stderr.strip().splitlines()[-1]
