@@ -434,26 +434,10 @@ def test_two_load_generators_share_an_external_cluster(healthy: NatsCluster, tmp
     # each generator counts its own boxes only, though its group reads every event.
     hosts, urls = ",".join(healthy.mqtt_hosts()), ",".join(healthy.nats_urls())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bench = [sys.executable, str(ROOT / "benchmarks/bench_fleet.py"), "--hosts", hosts, "--nats", urls]
     runs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks/bench_fleet.py"),
-                "--hosts",
-                hosts,
-                "--nats",
-                urls,
-                "--box-prefix",
-                name,
-                "--group",
-                name,
-                "--boxes",
-                str(boxes),
-                "--duration",
-                "4",
-                "--workers",
-                "1",
-            ],
+            [*bench, *f"--box-prefix {name} --group {name} --boxes {boxes} --duration 4 --workers 1".split()],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
