@@ -165,12 +165,14 @@ def box_worker(
 Seen = dict[str, list[tuple[float, float]]]  # event id -> (arrival, sent_at) per delivery
 
 
-def consume(group: NatsGroup, seen: Seen, stop: threading.Event) -> None:
-    """One group member: records every delivery it hands out; ends when told (and idle 2 s)."""
+def consume(group: NatsGroup, seen: Seen, stop: threading.Event, prefix: str) -> None:
+    """One group member: records every delivery of this run's boxes; ends when told (and idle 2 s).
+    A shared cluster carries other events too (real boxes', another generator's): they are skipped."""
     with group:
         while not stop.is_set():
             for e in group.events(idle_timeout_s=2.0):
-                seen.setdefault(e["id"], []).append((time.time(), e["sent_at"]))
+                if str(e.get("id", "")).startswith(f"{prefix}-") and "sent_at" in e:
+                    seen.setdefault(e["id"], []).append((time.time(), e["sent_at"]))
                 if stop.is_set():
                     break
 
@@ -244,7 +246,7 @@ def main() -> int:
             for g in groups:
                 g.open()  # the durable consumer exists before the first event
             consumers = [
-                threading.Thread(target=consume, args=(g, s, stop), daemon=True)
+                threading.Thread(target=consume, args=(g, s, stop, args.box_prefix), daemon=True)
                 for g, s in zip(groups, seen, strict=True)
             ]
             for c in consumers:
@@ -308,7 +310,7 @@ def main() -> int:
             # Wait until the consumers have everything, or stop hearing anything.
             deadline = time.time() + 60
             while time.time() < deadline:
-                got = {k for member in seen for k in member if k.startswith(f"{args.box_prefix}-")}
+                got = set().union(*seen)
                 if len(got) >= total_sent:
                     break
                 time.sleep(1.0)
@@ -332,8 +334,6 @@ def main() -> int:
     arrivals: Seen = {}
     for member in seen:
         for k, v in member.items():
-            if not k.startswith(f"{args.box_prefix}-"):
-                continue  # another load generator's box
             arrivals.setdefault(k, []).extend(v)
     received = len(arrivals)
     duplicates = sum(len(v) - 1 for v in arrivals.values())
@@ -346,7 +346,7 @@ def main() -> int:
     out_of_order = 0
     for member in seen:
         last: dict[str, int] = {}
-        for _, k in sorted((min(v)[0], k) for k, v in member.items() if k in arrivals):
+        for _, k in sorted((min(v)[0], k) for k, v in member.items()):
             box, seq = k.rsplit(":", 1)
             if int(seq) < last.get(box, 0):
                 out_of_order += 1

@@ -315,7 +315,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_ha_remove(args: argparse.Namespace) -> int:
-    from serenbox.device.sinks.mqtt import remove_discovery
+    from serenbox.device.sinks.ha_removal import remove_discovery
 
     cfg = load_config(args.config)
     setup_logging("WARNING")

@@ -15,15 +15,12 @@ Locks (acquired only in this order, so paho's callbacks cannot deadlock with the
 `on_publish`, and at times `on_disconnect`, holding its message lock, so those callbacks only
 touch `_cond`.
 
-A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node. After
-a lost connection or an unreachable node the next attempt goes to the next node in the list (the
-first one tried is picked from the device id, so a fleet spreads over the nodes); a node that
-returns is used again when its turn comes; a node that answers but refuses is tried again first.
-Nothing is lost or reordered across a switch: the spool replays from its oldest unacknowledged
-row on every connect, whichever node it is. A node
-that lost the box without noticing (a partition, a half-open socket) may publish the Last Will
-`offline` after the box is `online` elsewhere: the box reads its own availability topic and says
-`online` again when it sees that.
+A broker cluster (`mqtt.hosts`, docs/fleet.md): the box holds one connection, to one node, and
+mqtt_nodes.py picks the next one when it is lost. Nothing is lost or reordered across a switch:
+the spool replays from its oldest unacknowledged row on every connect, whichever node it is. A
+node that lost the box without noticing (a partition, a half-open socket) may publish the Last
+Will `offline` after the box is `online` elsewhere: the box reads its own availability topic and
+says `online` again when it sees that.
 
 Home Assistant discovery (device/sinks/ha_discovery.py): the retained config goes out on every
 connect, and again a moment after Home Assistant says `online` on its status topic; that
@@ -37,11 +34,8 @@ import json
 import logging
 import random
 import socket
-import ssl
 import threading
 import time
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +48,9 @@ from serenbox.device.config import Config, ConfigError
 from serenbox.device.sinks import ha_discovery
 from serenbox.device.sinks.backlog import Backlog, Key, advance
 from serenbox.device.sinks.base import CommandHandler, Sink
+from serenbox.device.sinks.mqtt_nodes import NodeClient, Nodes
 from serenbox.device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
+from serenbox.device.sinks.paho_client import PAHO_LOG, credentials, stop_network_thread
 from serenbox.device.spool import Spool
 
 log = logging.getLogger("serenbox.mqtt")
@@ -73,46 +69,8 @@ AVAILABILITY_EXPIRY_INTERVALS = 3
 _SESSION_TAKEN_OVER = 0x8E
 # Home Assistant restarting says `online` to every device at once: spread the answers out.
 ANNOUNCE_DELAY_S = (0.5, 3.0)
-REMOVE_TIMEOUT_S = 10.0
 # A stale `offline` is answered at most this often, so two boxes sharing an id cannot flood the broker.
 REASSERT_MIN_S = 1.0
-# Attempts on a node that answers but refuses (or closes before CONNACK) before moving on.
-MAX_STAYS = 2
-
-
-class _NodeClient(mqtt.Client):
-    """A paho client that asks which node to dial before every connection attempt.
-
-    paho's loop retries the address it was first given; a cluster wants the next node instead."""
-
-    def __init__(
-        self, *args: Any, pick: Callable[[bool], tuple[str, int]], wire: threading.Lock, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._pick = pick
-        self._wire = wire
-        self._first_attempt = True
-
-    def reconnect(self) -> mqtt.MQTTErrorCode:
-        # Runs on paho's network thread with the socket closed: the address may change here. Under
-        # `_wire` (MqttSink._publish): a publish that slipped in after the loss lands in the queue
-        # this empties, never between it and the new CONNECT (a broker closes on that).
-        with self._wire:
-            self._host, self._port = self._pick(self._first_attempt)
-            self._first_attempt = False
-            return super().reconnect()
-
-
-class _PahoRetryNoise(logging.Filter):
-    """paho logs an ERROR on every reconnect attempt while the broker is away; the sink already
-    says once that it is spooling and retrying, so those lines only alarm whoever reads the journal."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
-
-
-_PAHO_LOG = logging.getLogger("serenbox.mqtt.paho")
-_PAHO_LOG.addFilter(_PahoRetryNoise())
 
 
 def spool_path(cfg: Config) -> Path:
@@ -123,16 +81,10 @@ class MqttSink(Sink):
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self._m = cfg.mqtt
-        self._nodes = self._m.nodes()
-        if not self._nodes:
+        nodes = self._m.nodes()
+        if not nodes:
             raise ConfigError("mqtt.host: required for the MQTT sink (or mqtt.hosts for a cluster)")
-        # Where a box starts in the list: spread over the nodes by device id, the same on every start.
-        self._node = zlib.crc32(cfg.device_id.encode()) % len(self._nodes)
-        self._failovers = 0
-        # How the last attempt or connection ended: "lost" (was connected), "unreachable" (no TCP),
-        # "refused" (no CONNACK, or a refusing one). Guarded by paho's network thread.
-        self._outcome = "unreachable"
-        self._stays = 0  # attempts in a row on the same node after it answered and refused
+        self._nodes = Nodes(nodes, cfg.device_id)  # guarded by paho's network thread
         # With a clean session, QoS 1 on a subscription buys nothing a QoS 0 one lacks: nothing is
         # redelivered after a reconnect either way. On NATS each QoS 1 subscription is a replicated
         # JetStream consumer, created and deleted on every connect, which stalls a failover while the
@@ -153,7 +105,7 @@ class MqttSink(Sink):
         self._announce_timer: threading.Timer | None = None  # guarded by _cond
 
         self._pub = threading.RLock()
-        # Held around each publish and around paho's reconnect (`_NodeClient`), after `_pub` and
+        # Held around each publish and around paho's reconnect (`NodeClient`), after `_pub` and
         # before paho's locks; paho's callbacks never take it.
         self._wire = threading.Lock()
         # Guarded by _pub: connection view of the publisher.
@@ -228,8 +180,8 @@ class MqttSink(Sink):
             "mqtt_published": self._published,
             "mqtt_rejected": self._rejected,
             "mqtt_connected": self._connected,
-            "mqtt_node": self._where(),
-            "mqtt_failovers": self._failovers,
+            "mqtt_node": self._nodes.where(),
+            "mqtt_failovers": self._nodes.failovers,
             "stats_interval_s": self._m.stats_interval_s,
         }
 
@@ -260,7 +212,7 @@ class MqttSink(Sink):
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
         client.disconnect()
-        _stop_network_thread(client)
+        stop_network_thread(client)
         self._collect_acks()
         self._backlog.close()
 
@@ -275,23 +227,23 @@ class MqttSink(Sink):
 
     def _make_client(self) -> mqtt.Client:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        client = _NodeClient(
+        client = NodeClient(
             CallbackAPIVersion.VERSION2,
-            pick=self._pick_node,
+            pick=self._nodes.pick,
             wire=self._wire,
             client_id=self._client_id,
             protocol=self._protocol,
             # A clean session: the spool is what remembers unsent events, never the broker.
             clean_session=None if v5 else True,
         )
-        client.enable_logger(_PAHO_LOG)
+        client.enable_logger(PAHO_LOG)
         # An exception in one of our callbacks is logged by paho and the network thread goes on;
         # without this it ends the thread, and with it every reconnect, without a word.
         client.suppress_exceptions = True
         client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
         client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
-        _credentials(client, self._cfg)
+        credentials(client, self._cfg)
         client.on_connect = self._guarded(self._on_connect)
         client.on_disconnect = self._guarded(self._on_disconnect)
         client.on_publish = self._guarded(self._on_publish)
@@ -302,43 +254,21 @@ class MqttSink(Sink):
     def _connect(self, client: mqtt.Client) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
-        host, port = self._nodes[self._node]
+        host, port = self._nodes.current
         client.connect_async(host, port, keepalive=self._m.keepalive, **kwargs)
         client.loop_start()
-
-    def _where(self) -> str:
-        host, port = self._nodes[self._node]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def _pick_node(self, first_attempt: bool) -> tuple[str, int]:
-        """The node for the next connection attempt (paho's network thread).
-
-        A node that is gone (no TCP, or a connection lost) is left for the next one. A node that
-        answered but closed before CONNACK is tried again (twice): NATS does that to a client id
-        that hops between nodes faster than once a second, and hopping on would never end."""
-        # A new client's first attempt stays where the last one ended (the 3.1.1 fallback
-        # re-dials the node that refused MQTT 5).
-        if not first_attempt and len(self._nodes) > 1:
-            if self._outcome in ("lost", "unreachable") or self._stays >= MAX_STAYS:
-                self._node = (self._node + 1) % len(self._nodes)
-                self._failovers += 1
-                self._stays = 0
-                log.info("trying MQTT node %s (%d of %d)", self._where(), self._node + 1, len(self._nodes))
-            else:
-                self._stays += 1
-        return self._nodes[self._node]
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, reason: ReasonCode, _p: Properties | None
     ) -> None:
         if reason.is_failure:
-            self._outcome = "refused"
+            self._nodes.outcome = "refused"
             self._on_refused(reason)
             return
         with self._pub:
             self._reset_connection(connected=True)
             self._refusal_logged = None
-            self._stays = 0
+            self._nodes.stays = 0
             with self._cond:
                 self._reassert = False  # `online` goes out just below
             self._publish_availability(client)
@@ -355,7 +285,7 @@ class MqttSink(Sink):
             self._state_sent = None  # a new connection gets the latest state right away
         log.info(
             "connected to MQTT broker %s (MQTT %s); %d spooled event(s) to send",
-            self._where(),
+            self._nodes.where(),
             "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
             len(self._backlog),
         )
@@ -383,7 +313,7 @@ class MqttSink(Sink):
     def _on_refused(self, reason: ReasonCode) -> None:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         if self._m.protocol == "auto" and v5 and reason.value in _UNSUPPORTED_PROTOCOL:
-            log.warning("MQTT broker %s does not accept MQTT 5; falling back to 3.1.1", self._where())
+            log.warning("MQTT broker %s does not accept MQTT 5; falling back to 3.1.1", self._nodes.where())
             with self._cond:
                 self._fallback = True
                 self._kick = True
@@ -397,19 +327,19 @@ class MqttSink(Sink):
                 hint = "; check mqtt.username and mqtt.password (or SERENBOX_MQTT_PASSWORD)"
             log.error(
                 "MQTT broker %s refused the connection: %s%s; events are spooled, retrying",
-                self._where(),
+                self._nodes.where(),
                 text.lower(),
                 hint,
             )
 
     def _on_connect_fail(self, _client: mqtt.Client, _u: Any) -> None:
-        self._outcome = "unreachable"
+        self._nodes.outcome = "unreachable"
         if self._refusal_logged != "unreachable":
             self._refusal_logged = "unreachable"
             log.warning(
                 "could not connect to MQTT broker %s (unreachable, or the TLS handshake failed); "
                 "events are spooled, retrying",
-                self._where(),
+                self._nodes.where(),
             )
 
     def _on_disconnect(
@@ -426,12 +356,12 @@ class MqttSink(Sink):
             self._lost_connection = self._connection
             self._kick = True
             self._cond.notify()
-        self._outcome = "lost" if was_connected else "refused"
+        self._nodes.outcome = "lost" if was_connected else "refused"
         if was_connected and not self._stopping:
             log.warning(
                 "MQTT connection lost (%s) on %s; spooling and reconnecting%s",
                 str(reason).lower(),
-                self._where(),
+                self._nodes.where(),
                 " to the next node" if len(self._nodes) > 1 else "",
             )
             if reason.value == _SESSION_TAKEN_OVER:
@@ -627,7 +557,7 @@ class MqttSink(Sink):
         to the next node of a cluster. Needs `_pub`."""
         log.warning(
             "no PUBACK from MQTT broker %s for %.0f s (%d event(s) waiting): dropping the connection",
-            self._where(),
+            self._nodes.where(),
             self._m.ack_timeout_s,
             len(self._inflight),
         )
@@ -685,100 +615,10 @@ class MqttSink(Sink):
 
     def _fall_back_to_311(self) -> None:
         old = self._client
-        _stop_network_thread(old)
+        stop_network_thread(old)
         old.disconnect()
         self._protocol = MQTTProtocolVersion.MQTTv311
         with self._pub:
             self._client = self._make_client()
             self._reset_connection(connected=False)
         self._connect(self._client)
-
-
-def _stop_network_thread(client: mqtt.Client) -> None:
-    """`loop_stop()`, without paho 2.2's race: it reads its thread three times, and the thread sets it
-    to None as it ends; a loop that ends on its own meanwhile (after `disconnect()`) made it raise
-    AttributeError, and close() with it (seen at 1 000 boxes on 2 cores, docs/fleet.md)."""
-    thread = getattr(client, "_thread", None)
-    with contextlib.suppress(AttributeError):
-        client.loop_stop()
-    if thread is not None and thread is not threading.current_thread():
-        thread.join()
-
-
-def _credentials(client: mqtt.Client, cfg: Config) -> None:
-    """Username, password and TLS from `mqtt.*`."""
-    m = cfg.mqtt
-    if m.username:
-        client.username_pw_set(m.username, m.password)
-    tls = m.tls
-    if tls.enabled:
-        client.tls_set(
-            ca_certs=tls.ca_file,
-            certfile=tls.cert_file,
-            keyfile=tls.key_file,
-            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-        )
-        if tls.insecure:
-            log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
-            client.tls_insecure_set(True)
-
-
-def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> tuple[str, str]:
-    """Publish the empty retained config that makes Home Assistant delete this device.
-
-    Tries each of `mqtt.hosts` in turn (a cluster shares retained messages); returns the topic and
-    the node that took it. Raises ConnectionError with one line when no node can be reached or all refuse."""
-    nodes = cfg.mqtt.nodes()
-    if not nodes:
-        raise ConfigError("mqtt.host: not set, so there is no broker to remove the device from")
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(cfg.mqtt.tls, key)
-        if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
-            raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
-    topic = ha_discovery.config_topic(cfg)
-    errors: list[str] = []
-    for host, port in nodes:
-        try:
-            _publish_removal(cfg, topic, host, port, timeout)
-            return topic, f"{host}:{port}"
-        except ConnectionError as e:
-            errors.append(str(e))
-    others = f" (and {len(errors) - 1} other node(s) failed)" if len(errors) > 1 else ""
-    raise ConnectionError(errors[-1] + others)
-
-
-def _publish_removal(cfg: Config, topic: str, host: str, port: int, timeout: float) -> None:
-    where = f"{host}:{port}"
-    # Its own client id: the daemon's session, if it still runs, is left alone. 3.1.1 speaks to every broker.
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"serenbox-{cfg.device_id}-ha-remove", protocol=mqtt.MQTTv311
-    )
-    client.enable_logger(_PAHO_LOG)
-    client.connect_timeout = timeout
-    _credentials(client, cfg)
-    answered = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        if reason.is_failure:
-            refused.append(str(reason).lower())
-        answered.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(host, port, keepalive=max(5, round(timeout)))
-    except (OSError, ValueError) as e:
-        raise ConnectionError(f"cannot reach the MQTT broker {where} ({getattr(e, 'strerror', None) or e})") from None
-    client.loop_start()
-    try:
-        if not answered.wait(timeout):
-            raise ConnectionError(f"the MQTT broker {where} did not answer within {timeout:.0f} s")
-        if refused:
-            raise ConnectionError(f"the MQTT broker {where} refused the connection: {refused[0]}")
-        info = client.publish(topic, b"", qos=1, retain=True)
-        info.wait_for_publish(timeout=timeout)
-        if not info.is_published():
-            raise ConnectionError(f"the MQTT broker {where} did not acknowledge the removal within {timeout:.0f} s")
-    finally:
-        client.disconnect()
-        _stop_network_thread(client)

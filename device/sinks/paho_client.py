@@ -1,0 +1,54 @@
+"""What every paho client of the daemon shares: its log, credentials and TLS, and a safe stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import threading
+
+import paho.mqtt.client as mqtt
+from serenbox.device.config import Config
+
+log = logging.getLogger("serenbox.mqtt")
+
+
+class _RetryNoise(logging.Filter):
+    """paho logs an ERROR on every reconnect attempt while the broker is away; the sink already
+    says once that it is spooling and retrying, so those lines only alarm whoever reads the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+PAHO_LOG = logging.getLogger("serenbox.mqtt.paho")
+PAHO_LOG.addFilter(_RetryNoise())
+
+
+def stop_network_thread(client: mqtt.Client) -> None:
+    """`loop_stop()`, without paho 2.2's race: it reads its thread three times, and the thread sets it
+    to None as it ends; a loop that ends on its own meanwhile (after `disconnect()`) made it raise
+    AttributeError, and close() with it (seen at 1 000 boxes on 2 cores, docs/fleet.md)."""
+    thread = getattr(client, "_thread", None)
+    with contextlib.suppress(AttributeError):
+        client.loop_stop()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
+def credentials(client: mqtt.Client, cfg: Config) -> None:
+    """Username, password and TLS from `mqtt.*`."""
+    m = cfg.mqtt
+    if m.username:
+        client.username_pw_set(m.username, m.password)
+    tls = m.tls
+    if tls.enabled:
+        client.tls_set(
+            ca_certs=tls.ca_file,
+            certfile=tls.cert_file,
+            keyfile=tls.key_file,
+            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+        )
+        if tls.insecure:
+            log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
+            client.tls_insecure_set(True)
