@@ -464,3 +464,31 @@ def test_bench_fleet_refuses_half_an_external_cluster() -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "--hosts and --nats go together" in out.stderr.strip().splitlines()[-1]
+
+
+@needs_nats
+def test_a_member_closes_at_once_and_its_acks_hold(
+    healthy: NatsCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # close() used nats-py's drain(), which waits for the pull inbox to empty; the server's answer
+    # to an expired fetch sits there unread, so about every other close waited out the 30 s drain
+    # timeout and logged "draining connection timed out".
+    sent = [event("box-c", i) for i in range(1, 31)]
+    sink = MqttSink(config(tmp_path, "box-c", healthy.mqtt_hosts()))
+    with NatsGroup(healthy.nats_urls(), "closers", ack_wait_s=2, batch=10):
+        pass  # the durable consumer exists before the box publishes
+    sink.start()
+    for e in sent:
+        sink.emit(e)
+    wait(lambda: sink.counters()["spool_depth"] == 0, what="all events acknowledged by the cluster")
+    sink.close()
+    got: list[str] = []
+    for _ in range(4):  # the hang came with an expired fetch: each round ends on one
+        member = NatsGroup(healthy.nats_urls(), "closers", ack_wait_s=2, batch=10)
+        # The module's cluster holds earlier tests' events too: this box's are the ones counted.
+        got += [e["id"] for e in member.events(idle_timeout_s=1.0) if e.get("device_id") == "box-c"]
+        started = time.monotonic()
+        member.close()
+        assert time.monotonic() - started < 10, "close() waited out the drain timeout"
+    assert sorted(got) == sorted(e["id"] for e in sent)  # each once: what the first member acked stayed acked
+    assert "drain" not in caplog.text
