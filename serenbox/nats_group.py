@@ -89,7 +89,10 @@ class NatsGroup:
         return self._loop.run_until_complete(coro)
 
     def open(self) -> NatsGroup:
-        self._run(self._open())
+        # Once: `with group:` after an explicit open() made a second connection, and the first
+        # one's tasks were never closed (left running, then "Task was destroyed" at exit).
+        if self._nc is None:
+            self._run(self._open())
         return self
 
     async def _open(self) -> None:
@@ -204,6 +207,12 @@ class NatsGroup:
             await self._nc.flush(timeout=max(1, round(self.connect_timeout_s)))
         finally:
             await self._nc.close()
+            # Whatever of the client still runs ends here, before the loop does ("Task was
+            # destroyed but it is pending" at exit otherwise).
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> NatsGroup:
         return self.open()

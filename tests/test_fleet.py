@@ -492,3 +492,27 @@ def test_a_member_closes_at_once_and_its_acks_hold(
         assert time.monotonic() - started < 10, "close() waited out the drain timeout"
     assert sorted(got) == sorted(e["id"] for e in sent)  # each once: what the first member acked stayed acked
     assert "drain" not in caplog.text
+
+
+OPENED_TWICE = """
+import sys
+from serenbox.nats_group import NatsGroup
+group = NatsGroup(sys.argv[1].split(","), "twice")
+group.open()
+with group:  # enters an open group: the same connection
+    list(group.events(idle_timeout_s=1.0))
+print("closed", flush=True)
+"""
+
+
+@needs_nats
+def test_a_group_opened_then_entered_holds_one_connection_and_closes_it(healthy: NatsCluster) -> None:
+    # open() then `with group:` made a second connection; the first was never closed, and its
+    # tasks were torn down at exit ("Task was destroyed but it is pending!", "Event loop is closed").
+    out = subprocess.run(
+        [sys.executable, "-c", OPENED_TWICE, ",".join(healthy.nats_urls())],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0 and "closed" in out.stdout, out.stderr[-2000:]
+    assert "destroyed but it is pending" not in out.stderr, out.stderr[-2000:]
+    assert "Event loop is closed" not in out.stderr, out.stderr[-2000:]
