@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fleet.py [--boxes 100] [--rate 1] [--duration 60] [--kill-every 15]
                                      [--down-s 5] [--workers 4] [--consumers 1] [--emitters 10]
-                                     [--ack-timeout 10]
+                                     [--ack-timeout S] [--window N]
     python benchmarks/bench_fleet.py --hosts n1:1883,n2:1883,n3:1883 --nats nats://n1:4222,... \
                                      [--box-prefix gen1] [--group gen1] [--boxes ...]
 
@@ -90,7 +90,7 @@ def emit_loop(boxes: list[str], sinks: dict[str, MqttSink], due: dict[str, float
 
 def box_worker(
     boxes: list[str], hosts: list[str], rate: float, duration: float, state: str, start_at: float, out: str,
-    emitters: int, ack_timeout_s: float,
+    emitters: int, overrides: dict[str, Any],
 ) -> None:  # fmt: skip
     """One process: its share of boxes, each a real MqttSink; writes what it sent and saw to `out`."""
     keep = os.environ.get("BENCH_FLEET_KEEP_LOGS")
@@ -104,7 +104,7 @@ def box_worker(
     sinks: dict[str, MqttSink] = {}
     for b in boxes:
         m = {"hosts": hosts, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0, "keepalive": 10, "protocol": "3.1.1",
-             "ack_timeout_s": ack_timeout_s}  # fmt: skip
+             **overrides}  # fmt: skip
         # A company fleet has no Home Assistant: no discovery config retained per box in the cluster.
         cfg = {"device_id": b, "state_dir": f"{state}/{b}", "mqtt": m, "homeassistant": {"discovery": False}}
         sinks[b] = MqttSink(from_dict(cfg, env={}))
@@ -206,7 +206,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--consumers", type=int, default=1)
     ap.add_argument("--emitters", type=int, default=10, help="emitting threads per worker process")
-    ap.add_argument("--ack-timeout", type=float, default=10.0, help="the boxes' mqtt.ack_timeout_s")
+    ap.add_argument("--ack-timeout", type=float, default=None, help="the boxes' mqtt.ack_timeout_s (default: theirs)")
+    ap.add_argument("--window", type=int, default=None, help="the boxes' mqtt.window (default: theirs)")
     ap.add_argument("--hosts", default="", help="an external cluster's MQTT listeners, host:port,...")
     ap.add_argument("--nats", default="", help="the same cluster's NATS client URLs (with --hosts)")
     ap.add_argument("--box-prefix", default="box", help="box names are PREFIX-00000, ...")
@@ -218,8 +219,8 @@ def main() -> int:
     if any(c in args.box_prefix + args.group for c in " ./*>+#:") or not args.box_prefix or not args.group:
         ap.error("--box-prefix and --group must be non-empty names without spaces, '.', '/', '*', '>', '+', '#' or ':'")
     if args.boxes < 1 or args.rate <= 0 or args.duration <= 0 or args.workers < 1 or args.consumers < 1 \
-            or args.emitters < 1 or args.ack_timeout < 1:  # fmt: skip
-        ap.error("--boxes, --rate, --duration, --workers, --consumers and --emitters must be positive, "
+            or args.emitters < 1 or (args.ack_timeout or 1) < 1 or (args.window or 1) < 1:  # fmt: skip
+        ap.error("--boxes, --rate, --duration, --workers, --consumers, --emitters and --window must be positive, "
                  "--ack-timeout at least 1")  # fmt: skip
     logging.basicConfig(level=logging.ERROR)
     # A `timeout` or a kill of the run must still stop the nodes and box processes (the finally below).
@@ -256,6 +257,8 @@ def main() -> int:
             shares = [names[i::workers] for i in range(workers)]
             start_at = time.time() + 5.0 + args.boxes / 200  # time to connect every box first
             ctx = mp.get_context("spawn")
+            settings = (("ack_timeout_s", args.ack_timeout), ("window", args.window))
+            overrides = {k: v for k, v in settings if v is not None}  # unset: the product's defaults
             outs = [f"{tmp}/worker{i}.json" for i in range(workers)]
             procs = [
                 ctx.Process(
@@ -269,7 +272,7 @@ def main() -> int:
                         start_at,
                         out,
                         args.emitters,
-                        args.ack_timeout,
+                        overrides,
                     ),
                 )
                 for share, out in zip(shares, outs, strict=True)

@@ -132,6 +132,11 @@ class SpoolConfig:
     max_age_s: float = _f(7 * 24 * 3600.0, **_range(1, 365 * 24 * 3600.0))
 
 
+# Defaults that depend on `mqtt.hosts` (see MqttConfig).
+ACK_TIMEOUT_S, CLUSTER_ACK_TIMEOUT_S = 30.0, 5.0
+WINDOW, CLUSTER_WINDOW = 20, 1
+
+
 @dataclass
 class MqttConfig:
     host: str | None = _f(None, kind="host")  # None: no MQTT; events go to stdout
@@ -152,7 +157,26 @@ class MqttConfig:
     reconnect_max_s: float = _f(30.0, **_range(0.1, 3600))
     # Events handed to the broker and no PUBACK for this long: the connection is dropped and made
     # again (on the next node of `hosts`); a broker that stalls must not hold the spool forever.
-    ack_timeout_s: float = _f(30.0, **_range(1, 3600))
+    # None: 30 s with one broker; 5 s with `hosts` (NATS's gateway gives up on a store after 4 s
+    # and never answers it, so waiting longer only delays the failover).
+    ack_timeout_s: float | None = _f(None, **_range(1, 3600))
+    # Events handed to the broker at once without their PUBACK. None: 20 with one broker; 1 with
+    # `hosts`, because a node that gives up on one event's store still stores the next ones of the
+    # connection, and the resent event would then arrive after them (out of order).
+    window: int | None = _f(None, **_range(1, 1000))
+
+    def cluster(self) -> bool:
+        return len(self.hosts) > 1
+
+    def effective_ack_timeout_s(self) -> float:
+        if self.ack_timeout_s is not None:
+            return self.ack_timeout_s
+        return CLUSTER_ACK_TIMEOUT_S if self.cluster() else ACK_TIMEOUT_S
+
+    def effective_window(self) -> int:
+        if self.window is not None:
+            return self.window
+        return CLUSTER_WINDOW if self.cluster() else WINDOW
 
     def nodes(self) -> list[tuple[str, int]]:
         """The brokers to connect to, in failover order: `hosts`, or `host` alone; empty: no MQTT."""

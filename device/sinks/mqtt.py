@@ -3,12 +3,12 @@
 Delivery design (see docs/mqtt.md):
 - `emit` commits the event to the SQLite spool and wakes the publisher thread; it never waits
   for the network.
-- The publisher thread hands paho at most `WINDOW` events at a time and deletes a spool row only
-  after its PUBACK. The spool, not paho, is the source of truth: on every disconnect and connect
-  paho's own queue of unacknowledged messages is dropped and publication restarts from the oldest
-  unacknowledged row, with a clean session so the broker never redelivers anything on its side.
-  The only possible duplicates are events whose PUBACK was lost on the wire (at most `WINDOW`);
-  consumers dedupe on the event `id`.
+- The publisher thread hands paho at most `mqtt.window` events at a time (20; 1 on a cluster)
+  and deletes a spool row only after its PUBACK. The spool, not paho, is the source of truth:
+  on every disconnect and connect paho's own queue of unacknowledged messages is dropped and
+  publication restarts from the oldest unacknowledged row, with a clean session so the broker
+  never redelivers anything on its side. The only possible duplicates are events whose PUBACK was
+  lost on the wire (at most a window); consumers dedupe on the event `id`.
 
 Locks (acquired only in this order, so paho's callbacks cannot deadlock with the publisher):
 `_pub` (publisher state) → paho's internal locks → `_cond` (acks, wake-ups). paho calls
@@ -55,9 +55,6 @@ from serenbox.device.spool import Spool
 
 log = logging.getLogger("serenbox.mqtt")
 
-# Events handed to paho but not yet acknowledged. Bounds what a lost PUBACK can duplicate and
-# keeps the pipe full enough to drain a long outage quickly.
-WINDOW = 20
 CLOSE_TIMEOUT_S = 2.0
 # CONNACK reasons meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 0x84).
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
@@ -90,6 +87,10 @@ class MqttSink(Sink):
         # JetStream consumer, created and deleted on every connect, which stalls a failover while the
         # cluster elects leaders (docs/fleet.md); so a cluster box subscribes at QoS 0.
         self._subscribe_qos = 0 if len(self._nodes) > 1 else 1
+        # Events handed to paho and not yet acknowledged: bounds what a lost PUBACK can duplicate
+        # and keeps the pipe full enough to drain a long outage quickly (config.py: why 1 on a cluster).
+        self._window = self._m.effective_window()
+        self._ack_timeout_s = self._m.effective_ack_timeout_s()
         self._check_tls_files()
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
@@ -240,7 +241,7 @@ class MqttSink(Sink):
         # An exception in one of our callbacks is logged by paho and the network thread goes on;
         # without this it ends the thread, and with it every reconnect, without a word.
         client.suppress_exceptions = True
-        client.max_inflight_messages_set(WINDOW + 10)  # events + availability/state/errors
+        client.max_inflight_messages_set(self._window + 10)  # events + availability/state/errors
         client.reconnect_delay_set(self._m.reconnect_min_s, self._m.reconnect_max_s)  # type: ignore[arg-type]
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
         credentials(client, self._cfg)
@@ -530,7 +531,7 @@ class MqttSink(Sink):
                 self._cut_stalled_connection()
                 return
             while self._connected:
-                room = WINDOW - len(self._inflight)
+                room = self._window - len(self._inflight)
                 if room <= 0:
                     return
                 rows = self._backlog.after(self._cursor, room)
@@ -549,7 +550,7 @@ class MqttSink(Sink):
         """Seconds until unacknowledged events count as stalled (None: nothing in flight)."""
         if not self._connected or not self._inflight:
             return None
-        return max(0.0, self._ack_progress_at + self._m.ack_timeout_s - time.monotonic())
+        return max(0.0, self._ack_progress_at + self._ack_timeout_s - time.monotonic())
 
     def _cut_stalled_connection(self) -> None:
         """The broker holds our events without a PUBACK (a node stuck in a leader election, a
@@ -558,7 +559,7 @@ class MqttSink(Sink):
         log.warning(
             "no PUBACK from MQTT broker %s for %.0f s (%d event(s) waiting): dropping the connection",
             self._nodes.where(),
-            self._m.ack_timeout_s,
+            self._ack_timeout_s,
             len(self._inflight),
         )
         self._ack_progress_at = time.monotonic()  # once per stall, not on every wake-up
