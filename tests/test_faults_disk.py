@@ -51,11 +51,11 @@ def keep_full_until(daemon: Daemon, state: Path, text: str, timeout: float = 60)
     SQLite gives space back on its own (a checkpoint cuts the WAL to its size limit) and the
     spool then goes on writing; a disk that another writer keeps full leaves it none."""
     deadline = time.monotonic() + timeout
-    for k in range(1, 1000):
-        if text in daemon.stderr:
-            return
+    for k in range(1000):
         assert time.monotonic() < deadline and daemon.proc.poll() is None, f"no {text!r}:\n{daemon.stderr[-3000:]}"
         fill(daemon, state, f"fill-{k}")
+        if text in daemon.stderr:
+            return
         time.sleep(0.5)
 
 
@@ -78,7 +78,6 @@ def test_a_full_disk_with_the_broker_up_loses_nothing(face_video: Path, tmp_path
         daemon, state = start_on_tmpfs(tmp_path, face_video, broker)
         try:
             daemon.wait_events(2)
-            fill(daemon, state)
             keep_full_until(daemon, state, "keeping events in memory")
             n = len(daemon.events)
             daemon.wait_events(n + 10)  # made while nothing could be written

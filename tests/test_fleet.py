@@ -223,84 +223,14 @@ def test_a_late_last_will_is_answered_with_online(tmp_path: Path) -> None:
         assert retained(broker, "serenbox/box-w/availability") == b"offline"  # a clean stop still says so
 
 
-class AckEater:
-    """A loopback relay in front of a real broker that swallows every PUBACK on its first
-    connection (pings still answered): a broker that took the events and never acknowledges."""
+class Relay:
+    """Loopback relays (one per "node") in front of one real broker, each connection relayed
+    through `_serve`, which subclasses give a fault; `connections` counts every connection made."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Mosquitto, nodes: int = 1) -> None:
         self.broker = broker
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
+        self._servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(nodes)]
         self.connections = 0
-        self.swallowed = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn, self.connections == 1), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, swallow: bool) -> None:
-        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
-            threading.Thread(target=self._up, args=(conn, up), daemon=True).start()
-            while packet := Mqtt311OnlyGateway._read_packet(up):
-                if swallow and packet[0] >> 4 == 4:  # PUBACK
-                    self.swallowed += 1
-                    continue
-                conn.sendall(packet)
-
-    @staticmethod
-    def _up(conn: socket.socket, up: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := conn.recv(65536):
-                up.sendall(data)
-        with contextlib.suppress(OSError):
-            up.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._server.close()
-
-
-@needs_mosquitto
-def test_a_broker_that_never_acknowledges_is_left_and_nothing_is_lost(tmp_path: Path) -> None:
-    with Mosquitto(tmp_path / "broker") as broker:
-        relay = AckEater(broker)
-        sent = [event("box-s", i) for i in range(1, 11)]
-        with Watcher(broker, ["serenbox/box-s/events"]) as w:
-            sink = MqttSink(config(tmp_path, "box-s", [f"127.0.0.1:{relay.port}"], ack_timeout_s=2))
-            sink.start()
-            try:
-                wait(lambda: sink.counters()["mqtt_connected"], what="connection")
-                for e in sent:
-                    sink.emit(e)
-                # Held without PUBACK on the first connection; dropped after 2 s, sent again on the next.
-                wait(lambda: sink.counters()["spool_depth"] == 0, timeout=20, what="spool drained")
-            finally:
-                sink.close()
-                relay.close()
-            w.wait_for(lambda: {e["id"] for e in sent} <= set(ids_of(w)), what="every event at the broker")
-        assert relay.swallowed >= 1 and relay.connections >= 2
-
-
-def ids_of(w: Watcher) -> list[str]:
-    return [json.loads(m.payload)["id"] for m in w.messages]
-
-
-class StoreDropper:
-    """Two loopback relays (two "nodes") in front of one real broker. On the first connection
-    the first event PUBLISH is dropped before the broker sees it, and everything after it goes
-    through: a NATS gateway that gave up on one store (`timeout for request type "MS"`) and
-    stored the next ones of the same connection."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self.broker = broker
-        self._servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
-        self.connections = 0
-        self.dropped = 0
         for server in self._servers:
             threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
@@ -316,19 +246,92 @@ class StoreDropper:
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn, self.connections == 1), daemon=True).start()
 
-    def _serve(self, conn: socket.socket, drop_one: bool) -> None:
-        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
-            threading.Thread(target=AckEater._up, args=(up, conn), daemon=True).start()  # broker -> box
-            while packet := Mqtt311OnlyGateway._read_packet(conn):
-                if drop_one and packet[0] >> 4 == 3 and b"/events" in packet[:200]:  # the first event PUBLISH
-                    drop_one = False
-                    self.dropped += 1
-                    continue
-                up.sendall(packet)
+    def _serve(self, conn: socket.socket, first: bool) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         for server in self._servers:
             server.close()
+
+
+class AckEater(Relay):
+    """Swallows every PUBACK on its first connection (pings still answered): a broker that took
+    the events and never acknowledges."""
+
+    swallowed = 0
+
+    def _serve(self, conn: socket.socket, first: bool) -> None:
+        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
+            threading.Thread(target=self._pipe, args=(conn, up), daemon=True).start()  # box -> broker
+            while packet := Mqtt311OnlyGateway._read_packet(up):
+                if first and packet[0] >> 4 == 4:  # PUBACK
+                    self.swallowed += 1
+                    continue
+                conn.sendall(packet)
+
+
+class StoreDropper(Relay):
+    """Two nodes. On the first connection the first event PUBLISH is dropped before the broker
+    sees it, and everything after it goes through: a NATS gateway that gave up on one store
+    (`timeout for request type "MS"`) and stored the next ones of the same connection."""
+
+    dropped = 0
+
+    def __init__(self, broker: Mosquitto) -> None:
+        super().__init__(broker, nodes=2)
+
+    def _serve(self, conn: socket.socket, first: bool) -> None:
+        with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
+            threading.Thread(target=self._pipe, args=(up, conn), daemon=True).start()  # broker -> box
+            while packet := Mqtt311OnlyGateway._read_packet(conn):
+                if first and packet[0] >> 4 == 3 and b"/events" in packet[:200]:  # the first event PUBLISH
+                    first = False
+                    self.dropped += 1
+                    continue
+                up.sendall(packet)
+
+
+def through_relay(
+    tmp_path: Path, broker: Mosquitto, relay: Relay, device: str, drain_s: float
+) -> tuple[list[str], list[str]]:
+    """Ten events from a box behind `relay` (ack timeout 2 s), its spool drained within `drain_s`:
+    (the ids sent, the ids the broker delivered, in arrival order)."""
+    events = [event(device, i) for i in range(1, 11)]
+    sent = [e["id"] for e in events]
+    with Watcher(broker, [f"serenbox/{device}/events"]) as w:
+        sink = MqttSink(config(tmp_path, device, relay.hosts(), ack_timeout_s=2))
+        sink.start()
+        try:
+            wait(lambda: sink.counters()["mqtt_connected"], what="connection")
+            for e in events:
+                sink.emit(e)
+            wait(lambda: sink.counters()["spool_depth"] == 0, timeout=drain_s, what="spool drained")
+        finally:
+            sink.close()
+            relay.close()
+        w.wait_for(lambda: set(sent) <= set(ids_of(w)), what="every event at the broker")
+        return sent, ids_of(w)
+
+
+def ids_of(w: Watcher) -> list[str]:
+    return [json.loads(m.payload)["id"] for m in w.messages]
+
+
+@needs_mosquitto
+def test_a_broker_that_never_acknowledges_is_left_and_nothing_is_lost(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        relay = AckEater(broker)
+        # Held without PUBACK on the first connection; dropped after 2 s, sent again on the next.
+        through_relay(tmp_path, broker, relay, "box-s", drain_s=20)  # every event reached the broker
+    assert relay.swallowed >= 1 and relay.connections >= 2
 
 
 @needs_mosquitto
@@ -338,21 +341,9 @@ def test_a_node_that_gives_up_on_one_store_does_not_reorder_a_cluster_box(tmp_pa
     # at a time (mqtt.window), so a resent event always comes before the later ones.
     with Mosquitto(tmp_path / "broker") as broker:
         relay = StoreDropper(broker)
-        sent = [event("box-o", i) for i in range(1, 11)]
-        with Watcher(broker, ["serenbox/box-o/events"]) as w:
-            sink = MqttSink(config(tmp_path, "box-o", relay.hosts(), ack_timeout_s=2))
-            sink.start()
-            try:
-                wait(lambda: sink.counters()["mqtt_connected"], what="connection")
-                for e in sent:
-                    sink.emit(e)
-                wait(lambda: sink.counters()["spool_depth"] == 0, timeout=30, what="spool drained")
-            finally:
-                sink.close()
-                relay.close()
-            w.wait_for(lambda: {e["id"] for e in sent} <= set(ids_of(w)), what="every event at the broker")
-        assert relay.dropped == 1 and relay.connections >= 2
-        assert list(dict.fromkeys(ids_of(w))) == [e["id"] for e in sent]  # first arrivals, in order
+        sent, arrived = through_relay(tmp_path, broker, relay, "box-o", drain_s=30)
+    assert relay.dropped == 1 and relay.connections >= 2
+    assert list(dict.fromkeys(arrived)) == sent  # first arrivals, in order
 
 
 def test_a_cluster_box_defaults_to_one_event_in_flight_and_a_short_ack_timeout(tmp_path: Path) -> None:

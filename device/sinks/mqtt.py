@@ -86,7 +86,7 @@ class MqttSink(Sink):
         # redelivered after a reconnect either way. On NATS each QoS 1 subscription is a replicated
         # JetStream consumer, created and deleted on every connect, which stalls a failover while the
         # cluster elects leaders (docs/fleet.md); so a cluster box subscribes at QoS 0.
-        self._subscribe_qos = 0 if len(self._nodes) > 1 else 1
+        self._subscribe_qos = 0 if self._m.cluster() else 1
         # Events handed to paho and not yet acknowledged: bounds what a lost PUBACK can duplicate
         # and keeps the pipe full enough to drain a long outage quickly (config.py: why 1 on a cluster).
         self._window = self._m.effective_window()
