@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,40 @@ class RefusingSpool(Spool):
     """The spool on a disk that refuses writes while `full` is set (the hardware boundary)."""
 
     full = False
+    deletes_fail = False
 
     def append(self, payload: str, now: float | None = None) -> int:
         if self.full:
             raise SpoolError(f"{self.path}: cannot write to the event spool (database or disk is full)")
         return super().append(payload, now)
+
+    def delete(self, rowids: Iterable[int]) -> None:
+        if self.full or self.deletes_fail:
+            raise SpoolError(f"{self.path}: cannot delete from the event spool (database or disk is full)")
+        super().delete(rowids)
+
+
+def test_a_failed_delete_does_not_hide_that_events_go_to_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On a full disk a delete can fail first (appends still fit in the WAL); the operator must
+    # still be told when events start living in memory, and when each problem is over.
+    spool = RefusingSpool(tmp_path / "s.sqlite", 1000, 3600)
+    backlog = Backlog(spool)
+    caplog.set_level(logging.WARNING, logger="serenbox.mqtt")
+    backlog.append("e0")
+    spool.deletes_fail = True
+    backlog.ack([(0, 1)])
+    assert "acknowledged events stay on disk" in caplog.text and backlog.has_undeleted()
+    spool.full = True
+    backlog.append("e1")
+    assert "keeping events in memory" in caplog.text
+    spool.full = spool.deletes_fail = False
+    backlog.ack([(1, 1)])
+    backlog.append("e2")
+    assert "writable again" in caplog.text and "deletes work again" in caplog.text
+    assert not backlog.has_undeleted() and len(spool) == 1
+    backlog.close()
 
 
 def test_the_backlog_keeps_order_through_a_disk_outage(tmp_path: Path) -> None:

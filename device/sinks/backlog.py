@@ -40,7 +40,10 @@ class Backlog:
         self._last_delete_try = 0.0
         self.memory_dropped = 0
         self.write_errors = 0  # events that went to memory because the spool refused them
-        self._disk_error: str | None = None
+        # Writes and deletes fail and recover apart (a delete can fail while appends still fit in
+        # the WAL), and each must be told once per outage: one flag for both hid the memory fallback.
+        self._write_error: str | None = None
+        self._delete_error: str | None = None
 
     def __len__(self) -> int:
         with self._lock:
@@ -59,9 +62,9 @@ class Backlog:
                 except SpoolError as e:
                     self._disk_failed(e)
                 else:
-                    if self._disk_error is not None:
+                    if self._write_error is not None:
                         log.warning("event spool writable again; events are stored on disk")
-                        self._disk_error = None
+                        self._write_error = None
                     return
             self.write_errors += 1
             self._memory[self._next_memory] = payload
@@ -73,8 +76,8 @@ class Backlog:
                     log.error("event memory full too: dropped the oldest unsent event (%d so far)", self.memory_dropped)
 
     def _disk_failed(self, error: SpoolError) -> None:
-        if self._disk_error is None:  # once per outage, not once per event
-            self._disk_error = str(error)
+        if self._write_error is None:  # once per outage, not once per event
+            self._write_error = str(error)
             log.error("%s; keeping events in memory (up to %d) until it can be written", error, self.memory_events)
 
     def after(self, cursor: tuple[int, int], limit: int) -> list[tuple[Key, str]]:
@@ -131,10 +134,14 @@ class Backlog:
             # cursor; after a reconnect they may go out again (consumers dedupe on the event id).
             with self._lock:
                 self._undeleted = rowids + self._undeleted
-                first = self._disk_error is None
-                self._disk_error = self._disk_error or str(e)
+                first = self._delete_error is None
+                self._delete_error = self._delete_error or str(e)
             if first:
                 log.error("%s; acknowledged events stay on disk until it can be written", e)
+        else:
+            if self._delete_error is not None:
+                log.warning("event spool deletes work again; acknowledged events removed from disk")
+                self._delete_error = None
 
     def close(self) -> None:
         with self._lock:
