@@ -6,7 +6,7 @@
 Steps: check the model contract, calibrate on a class-stratified Training sample, convert
 with int8 builtins only, check every op is integer, then run the float and the int8 model
 side by side on a held-out split (the proof; with --ferplus also on FER+'s majority labels,
-reported but not gated). OUT.tflite and its manifest OUT.json appear
+where the same --max-drop applies). OUT.tflite and its manifest OUT.json appear
 only when all of it succeeded; the proof's report (OUT.report.json) is written either way.
 Exit codes: 0 done, 1 the int8 model lost more than --max-drop accuracy points, 2 bad input.
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from serenbox.converter.contract import ContractError, check_contract, load_keras_model, model_input, one_line
-from serenbox.converter.proof import format_table, prove
+from serenbox.converter.proof import format_table, gate_failures, prove
 from serenbox.converter.quantize import IO_TYPES, QuantizeError, check_integer_only, convert_int8, stratified_sample
 from serenbox.device.labels import LABELS
 from serenbox.device.manifest import (
@@ -266,7 +266,8 @@ def convert(
         fp_labels = ferplus_votes.majority(held.votes)[1] if held.votes is not None else None
         proof = prove(model, info, tmp, held.images, held.labels, threads, fp_labels)
         proof_s = time.perf_counter() - t0
-        passed = proof["accuracy_drop_points"] <= max_drop
+        failed = gate_failures(proof, max_drop)
+        passed = not failed
         report = {
             "model": str(model_path),
             "model_sha256": sha256_of(model_path),
@@ -296,9 +297,7 @@ def convert(
         log(format_table(report))
         if not passed:
             raise ProofFailed(
-                f"int8 accuracy {proof['int8']['accuracy'] * 100:.2f}% is {proof['accuracy_drop_points']:.2f} points "
-                f"below float {proof['float']['accuracy'] * 100:.2f}% (allowed {max_drop:g}); {out.name} not written, "
-                f"see {report_file}",
+                f"{'; '.join(failed)} (allowed {max_drop:g}); {out.name} not written, see {report_file}",
                 report,
                 report_file,
             )

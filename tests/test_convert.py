@@ -557,3 +557,51 @@ def test_convert_refuses_a_float_op_with_exit_2_and_no_output(npz: Path, tmp_pat
     assert e.value.exit_code == 2 and not isinstance(e.value, ProofFailed)
     assert "SIN" in str(e.value) and str(e.value).startswith(str(source))
     assert files_in(out.parent) == set()
+
+
+def test_a_model_that_keeps_fer2013_but_loses_ferplus_accuracy_fails_the_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Four faces whose mean brightness sits on the brightness model's sad/neutral edge (85):
+    # int8 rounding sends some of them the other way. FER+ keeps only those faces, labelled with
+    # the float answer: FER+ accuracy falls 100 points while FER2013's moves a few at most.
+    import keras
+    from serenbox.converter.contract import model_input
+    from serenbox.training.ferplus import TO_LABEL
+
+    data = make_dataset(seed=0)
+    public = np.flatnonzero(data.splits == 1)
+    rng = np.random.default_rng(0)
+    for j, i in enumerate(public[:4]):
+        mean = 84.97 + j * 0.02
+        face = np.full(48 * 48, int(mean), np.uint8)
+        face[rng.permutation(48 * 48)[: round((mean - int(mean)) * 48 * 48)]] += 1
+        data.images[i] = face.reshape(48, 48)
+    npz = write_npz(data, tmp_path / "edge.npz")
+    model = tmp_path / "bright.keras"
+    brightness_model().save(model)
+    first = tmp_path / "first.tflite"
+    assert main(["--model", str(model), "--data", str(npz), "--out", str(first), "--max-drop", "100"]) == 0
+    pixels = model_input(data.images[public], ModelInfo(height=32, width=32, channels=1, activation="softmax"))
+    float_pred = keras.models.load_model(model).predict(pixels, verbose=0).argmax(1)
+    int8_pred = run_int8(first, pixels, 1)[0].argmax(1)
+    parted = np.flatnonzero(float_pred != int8_pred)
+    assert 0 < len(parted) <= 4, len(parted)  # the premise
+    column = {int(label): c for c, label in enumerate(TO_LABEL)}
+    votes = np.zeros((len(data), 10), np.uint8)
+    votes[:, 8] = 10  # unknown: outside FER+'s majority set
+    for i in parted:
+        votes[public[i]] = 0
+        votes[public[i], column[int(float_pred[i])]] = 10
+    np.savez(tmp_path / "ferplus.npz", votes=votes)
+    capsys.readouterr()
+
+    out = tmp_path / "second.tflite"
+    code = main(["--model", str(model), "--data", str(npz), "--out", str(out), "--max-drop", "5",
+                 "--ferplus", str(tmp_path / "ferplus.npz")])  # fmt: skip
+    captured = capsys.readouterr()
+    proof = json.loads(out.with_suffix(".report.json").read_text())["proof"]
+    assert proof["accuracy_drop_points"] <= 5 and proof["ferplus"]["accuracy_drop_points"] == 100
+    assert code == 1 and not out.exists()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: int8 FER+ accuracy 0.00% is 100.00 points below float 100.00%"), line

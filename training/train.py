@@ -5,8 +5,9 @@
         --out runs/mnv2-96
 
 Schedule: the head alone on a frozen backbone, then the whole network at a lower, cosine-
-decayed learning rate. Model selection and early stopping use PublicTest; the final report
-is on --report-split (PrivateTest).
+decayed learning rate. Model selection, early stopping and the final report use PublicTest:
+PrivateTest is read once, by training/evaluate.py, for the figures a model ships with
+(--report-split PrivateTest makes this report on it instead).
 
 Labels (--labels): FER2013's own single labels, or FER+'s crowd votes (training/ferplus.py,
 --ferplus, by default ferplus.npz beside --data) as the official majority, a label drawn from
@@ -103,7 +104,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--ferplus", default="", help="FER+ votes file (default: ferplus.npz beside --data)")
     p.add_argument("--contempt", choices=ferplus.CONTEMPT_POLICIES, default=d.contempt, help="FER+ contempt policy")
     p.add_argument("--mix", type=float, default=d.mix, help="share of the FER2013 one-hot in a FER+ target")
-    p.add_argument("--report-split", default="PrivateTest", help="split for the final evaluation report")
+    p.add_argument(
+        "--report-split", default="PublicTest", help="split for the final evaluation report (PrivateTest: see above)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small subset, input 32, one short epoch")
     a = p.parse_args(argv)
