@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import ssl
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from serenbox.messages import (
     Track,
     parse,
 )
+from serenbox.mqtt_tls import Tls, secure
 
 __all__ = [
     "Availability",
@@ -94,16 +94,6 @@ _UNSUPPORTED_PROTOCOL = (1, 0x84)
 # each connection as the other opens. paho reports only "unspecified error", so count them.
 SHORT_CONNECTION_S = 2.0
 SHORT_CONNECTIONS_TO_WARN = 3
-
-
-@dataclass(frozen=True)
-class Tls:
-    """TLS like the daemon's `mqtt.tls`: verification of chain and host name is on unless `insecure`."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False
 
 
 @dataclass
@@ -321,18 +311,8 @@ class Client:
         )
         c.suppress_exceptions = True
         c.reconnect_delay_set(0.2, 5)  # type: ignore[arg-type]
-        if self._username:
-            c.username_pw_set(self._username, self._password)
-        if self._tls:
-            t = self._tls if isinstance(self._tls, Tls) else Tls()
-            c.tls_set(
-                ca_certs=t.ca_file,
-                certfile=t.cert_file,
-                keyfile=t.key_file,
-                cert_reqs=ssl.CERT_NONE if t.insecure else ssl.CERT_REQUIRED,
-            )
-            if t.insecure:
-                c.tls_insecure_set(True)
+        tls = (self._tls if isinstance(self._tls, Tls) else Tls()) if self._tls else None
+        secure(c, self._username, self._password, tls)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe

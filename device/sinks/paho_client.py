@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 import threading
 
 import paho.mqtt.client as mqtt
 from serenbox.device.config import Config
+
+from serenbox.mqtt_tls import Tls, secure
 
 log = logging.getLogger("serenbox.mqtt")
 
@@ -38,17 +39,8 @@ def stop_network_thread(client: mqtt.Client) -> None:
 
 def credentials(client: mqtt.Client, cfg: Config) -> None:
     """Username, password and TLS from `mqtt.*`."""
-    m = cfg.mqtt
-    if m.username:
-        client.username_pw_set(m.username, m.password)
-    tls = m.tls
-    if tls.enabled:
-        client.tls_set(
-            ca_certs=tls.ca_file,
-            certfile=tls.cert_file,
-            keyfile=tls.key_file,
-            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-        )
-        if tls.insecure:
-            log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
-            client.tls_insecure_set(True)
+    m, t = cfg.mqtt, cfg.mqtt.tls
+    tls = Tls(t.ca_file, t.cert_file, t.key_file, t.insecure) if t.enabled else None
+    if tls is not None and tls.insecure:
+        log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified (testing only)")
+    secure(client, m.username, m.password, tls)
