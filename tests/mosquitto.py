@@ -299,6 +299,37 @@ def retained(broker: Mosquitto, topic: str, timeout: float = 5.0, **auth: Any) -
     return got[-1] if got else None
 
 
+def read_packet(conn: socket.socket) -> bytes:
+    """One whole MQTT packet from `conn`; OSError when it closes."""
+    head = conn.recv(1)
+    length, shift, raw = 0, 0, bytearray(head)
+    while True:  # MQTT's variable-length "remaining length"
+        b = conn.recv(1)
+        if not b:
+            raise OSError("closed")
+        raw += b
+        length |= (b[0] & 0x7F) << shift
+        shift += 7
+        if not b[0] & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        chunk = conn.recv(length - len(body))
+        if not chunk:
+            raise OSError("closed")
+        body += chunk
+    return bytes(raw) + body
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy `src` to `dst` until `src` ends, then end `dst`'s sending side (a relay's one direction)."""
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
 class Mqtt311OnlyGateway:
     """A loopback TCP relay in front of a real broker that answers an MQTT 5 CONNECT the way a
     3.1.1-only broker (mosquitto < 1.6, many embedded brokers) does: CONNACK "unacceptable protocol
@@ -323,30 +354,9 @@ class Mqtt311OnlyGateway:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _read_packet(conn: socket.socket) -> bytes:
-        head = conn.recv(1)
-        length, shift, raw = 0, 0, bytearray(head)
-        while True:  # MQTT's variable-length "remaining length"
-            b = conn.recv(1)
-            if not b:
-                raise OSError("closed")
-            raw += b
-            length |= (b[0] & 0x7F) << shift
-            shift += 7
-            if not b[0] & 0x80:
-                break
-        body = b""
-        while len(body) < length:
-            chunk = conn.recv(length - len(body))
-            if not chunk:
-                raise OSError("closed")
-            body += chunk
-        return bytes(raw) + body
-
     def _serve(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError), conn:
-            first = self._read_packet(conn)
+            first = read_packet(conn)
             # CONNECT: fixed header, remaining length, protocol name (2-byte length + "MQTT"), level.
             i = 1
             while first[i] & 0x80:
@@ -361,18 +371,10 @@ class Mqtt311OnlyGateway:
             upstream = socket.create_connection((self.broker.host, self.broker.port))
             with upstream:
                 upstream.sendall(first)
-                t = threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True)
+                t = threading.Thread(target=pipe, args=(upstream, conn), daemon=True)
                 t.start()
-                self._pipe(conn, upstream)
+                pipe(conn, upstream)
                 t.join(timeout=5)
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         self._closing = True

@@ -23,7 +23,7 @@ import pytest
 from serenbox.device.config import ConfigError, from_dict
 from serenbox.device.sinks.mqtt import MqttSink
 
-from tests.mosquitto import Mosquitto, Mqtt311OnlyGateway, Watcher, mosquitto_binary, retained
+from tests.mosquitto import Mosquitto, Watcher, mosquitto_binary, pipe, read_packet, retained
 
 pytest.importorskip("nats", reason="the fleet extra (nats-py) is not installed")
 from serenbox.nats_group import NatsGroup
@@ -249,14 +249,6 @@ class Relay:
     def _serve(self, conn: socket.socket, first: bool) -> None:
         raise NotImplementedError
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
     def close(self) -> None:
         for server in self._servers:
             server.close()
@@ -270,8 +262,8 @@ class AckEater(Relay):
 
     def _serve(self, conn: socket.socket, first: bool) -> None:
         with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
-            threading.Thread(target=self._pipe, args=(conn, up), daemon=True).start()  # box -> broker
-            while packet := Mqtt311OnlyGateway._read_packet(up):
+            threading.Thread(target=pipe, args=(conn, up), daemon=True).start()  # box -> broker
+            while packet := read_packet(up):
                 if first and packet[0] >> 4 == 4:  # PUBACK
                     self.swallowed += 1
                     continue
@@ -290,8 +282,8 @@ class StoreDropper(Relay):
 
     def _serve(self, conn: socket.socket, first: bool) -> None:
         with contextlib.suppress(OSError), conn, socket.create_connection((self.broker.host, self.broker.port)) as up:
-            threading.Thread(target=self._pipe, args=(up, conn), daemon=True).start()  # broker -> box
-            while packet := Mqtt311OnlyGateway._read_packet(conn):
+            threading.Thread(target=pipe, args=(up, conn), daemon=True).start()  # broker -> box
+            while packet := read_packet(conn):
                 if first and packet[0] >> 4 == 3 and b"/events" in packet[:200]:  # the first event PUBLISH
                     first = False
                     self.dropped += 1

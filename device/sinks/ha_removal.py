@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -11,7 +10,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from serenbox.device.config import Config, ConfigError
 from serenbox.device.sinks import ha_discovery
-from serenbox.device.sinks.paho_client import PAHO_LOG, credentials, stop_network_thread
+from serenbox.device.sinks.paho_client import PAHO_LOG, check_tls_files, credentials, stop_network_thread
 
 REMOVE_TIMEOUT_S = 10.0
 
@@ -24,10 +23,7 @@ def remove_discovery(cfg: Config, timeout: float = REMOVE_TIMEOUT_S) -> tuple[st
     nodes = cfg.mqtt.nodes()
     if not nodes:
         raise ConfigError("mqtt.host: not set, so there is no broker to remove the device from")
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(cfg.mqtt.tls, key)
-        if cfg.mqtt.tls.enabled and value and not Path(value).is_file():
-            raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
+    check_tls_files(cfg)
     topic = ha_discovery.config_topic(cfg)
     errors: list[str] = []
     for host, port in nodes:

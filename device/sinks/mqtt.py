@@ -50,7 +50,7 @@ from serenbox.device.sinks.backlog import Backlog, Key, advance
 from serenbox.device.sinks.base import CommandHandler, Sink
 from serenbox.device.sinks.mqtt_nodes import NodeClient, Nodes
 from serenbox.device.sinks.mqtt_topics import CommandError, Topics, error_payload, parse_command
-from serenbox.device.sinks.paho_client import PAHO_LOG, credentials, stop_network_thread
+from serenbox.device.sinks.paho_client import PAHO_LOG, check_tls_files, credentials, stop_network_thread
 from serenbox.device.spool import Spool
 
 log = logging.getLogger("serenbox.mqtt")
@@ -91,7 +91,7 @@ class MqttSink(Sink):
         # and keeps the pipe full enough to drain a long outage quickly (config.py: why 1 on a cluster).
         self._window = self._m.effective_window()
         self._ack_timeout_s = self._m.effective_ack_timeout_s()
-        self._check_tls_files()
+        check_tls_files(cfg)
         self.topics = Topics.for_device(self._m.topic_prefix, cfg.device_id)
         self._client_id = self._m.client_id or f"serenbox-{cfg.device_id}"
         self._protocol = _PROTOCOLS.get(self._m.protocol, MQTTProtocolVersion.MQTTv5)
@@ -218,13 +218,6 @@ class MqttSink(Sink):
         self._backlog.close()
 
     # ----- paho client and callbacks (network thread) ---------------------------------------
-
-    def _check_tls_files(self) -> None:
-        tls = self._m.tls
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = getattr(tls, key)
-            if tls.enabled and value and not Path(value).is_file():
-                raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
 
     def _make_client(self) -> mqtt.Client:
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from serenbox.device.config import Config
+from serenbox.device.config import Config, ConfigError
 
 from serenbox.mqtt_tls import Tls, secure
 
@@ -35,6 +36,15 @@ def stop_network_thread(client: mqtt.Client) -> None:
         client.loop_stop()
     if thread is not None and thread is not threading.current_thread():
         thread.join()
+
+
+def check_tls_files(cfg: Config) -> None:
+    """A named TLS file that is missing is a configuration error, said before any connection."""
+    tls = cfg.mqtt.tls
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(tls, key)
+        if tls.enabled and value and not Path(value).is_file():
+            raise ConfigError(f"mqtt.tls.{key}: {value} does not exist")
 
 
 def credentials(client: mqtt.Client, cfg: Config) -> None:
